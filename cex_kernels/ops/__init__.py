@@ -1,0 +1,1 @@
+"""Custom-op registration and autograd glue, one module per op family."""

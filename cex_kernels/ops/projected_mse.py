@@ -1,0 +1,152 @@
+"""``projected_mse``: MSE between the student's hidden states and a projection of the teacher's.
+
+Layers: ``projected_mse`` (public: checks, flattening, backend choice) → the custom op
+``cex::projected_mse`` (schema, fake implementation, autograd) → a backend kernel with one
+contract: ``fwd(student2d, teacher2d, projection, grad_scale, compute_grad) ->
+(row_sq_err, grad)`` where ``grad = grad_scale * (student - teacher @ projection)``.
+
+Gradient-in-forward: when only the student needs a gradient (curriculum extraction), the
+kernel writes it during the forward pass, already scaled for the reduction, and backward
+scales it in place by the incoming gradient, so the extra memory is that one (N, d_s)
+tensor. When the teacher or the projection need gradients too, backward turns the same
+tensor into them with two GEMMs: dT = -dS @ Pᵀ and dP = -Tᵀ @ dS.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from cex_kernels import _backends, _checks, reference
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _fwd_triton(*args):
+    from cex_kernels.triton import projected_mse as triton_projected_mse
+    return triton_projected_mse.projected_mse_fwd(*args)
+
+
+def _fwd_cuda(student, teacher, projection, grad_scale, compute_grad):
+    with torch.cuda.device(student.device):
+        stream = torch.cuda.current_stream(student.device).cuda_stream
+        return _backends._C.projected_mse_fwd_cuda(student, teacher, projection, grad_scale,
+                                                   compute_grad, stream)
+
+
+def _fwd_cpu(*args):
+    return _backends._C.projected_mse_fwd_cpu(*args)
+
+
+_KERNELS = {"triton": _fwd_triton, "cuda": _fwd_cuda, "cpu": _fwd_cpu,
+            "reference": reference.projected_mse_rows}
+# Which backends index rows with a single stride (they need unit stride along d).
+_NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "reference": False}
+
+
+def _grad_scale(reduction: str, numel: int) -> float:
+    # d(loss)/d(student) = grad_scale * (student - teacher @ projection) for a unit upstream
+    # gradient ("none": per row, before the upstream gradient's own row factor).
+    return 2.0 / max(numel, 1) if reduction == "mean" else 2.0
+
+
+@torch.library.custom_op("cex::projected_mse", mutates_args=())
+def projected_mse_op(student: Tensor, teacher: Tensor, projection: Tensor, reduction: str,
+                     backend: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """2-D inputs. Returns ``(loss, grad_student_unit)``; the second is empty unless
+    ``compute_grad``, and is internal (the gradient for a unit upstream gradient)."""
+    numel = student.numel()
+    row_sq_err, grad = _KERNELS[backend](student, teacher, projection,
+                                         _grad_scale(reduction, numel), compute_grad)
+    if reduction == "none":
+        loss = row_sq_err
+    elif reduction == "sum":
+        loss = row_sq_err.sum()
+    else:  # as F.mse_loss: NaN for an empty input
+        loss = row_sq_err.sum() / numel
+    return loss.to(student.dtype), grad
+
+
+@projected_mse_op.register_fake
+def _(student, teacher, projection, reduction, backend, compute_grad):
+    loss_shape = (student.shape[0],) if reduction == "none" else ()
+    grad_shape = tuple(student.shape) if compute_grad else (0,)
+    return student.new_empty(loss_shape), student.new_empty(grad_shape)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, projection, reduction, backend, compute_grad = inputs
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.reduction = reduction
+    ctx.compute_grad = compute_grad
+    ctx.save_for_backward(grad, teacher if ctx.needs_input_grad[2] else None,
+                          projection if ctx.needs_input_grad[1] else None)
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    if not ctx.compute_grad:
+        raise RuntimeError("cex::projected_mse was called with compute_grad=False, so it kept no "
+                           "gradient; call cex_kernels.projected_mse, which sets it")
+    grad, teacher, projection = ctx.saved_tensors
+    # Scale the stored unit gradient in place: it is ours alone, and autograd's version
+    # counter turns a second backward through it (retain_graph) into a clear error.
+    upstream = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
+    grad_student = grad.mul_(upstream.to(grad.dtype))
+    grad_teacher = grad_projection = None
+    if ctx.needs_input_grad[1]:  # d/dT of ||S - T P||^2 terms: -dS @ Pᵀ
+        grad_teacher = (grad_student @ projection.T).neg_()
+    if ctx.needs_input_grad[2]:  # -Tᵀ @ dS
+        grad_projection = (teacher.T @ grad_student).neg_()
+    return (grad_student if ctx.needs_input_grad[0] else None, grad_teacher, grad_projection,
+            None, None, None)
+
+
+projected_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def projected_mse(student: Tensor, teacher: Tensor, projection: Tensor, *,
+                  reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """Fused ``F.mse_loss(student, teacher @ projection, reduction=...)``.
+
+    Args:
+        student: ``(..., d_s)`` student hidden states.
+        teacher: ``(..., d_t)`` teacher hidden states, same leading shape.
+        projection: ``(d_t, d_s)``, e.g. from :func:`cex_kernels.random_projection`.
+        reduction: ``"mean"`` (over all elements, as ``F.mse_loss``; NaN when there are none),
+            ``"sum"``, or ``"none"``: each row's *sum* of squared errors, shape
+            ``student.shape[:-1]`` (never an elementwise tensor).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
+
+    The product ``teacher @ projection`` is never materialized (except by the ``reference``
+    backend). All three inputs share one floating dtype and device; accumulation is fp32
+    (float64 for float64) and the result has the inputs' dtype. Any strides are accepted;
+    a view with a non-unit last-dimension stride is copied for the compiled backends.
+    NaN or inf in the inputs give NaN/inf in the loss; they are never masked.
+    Gradients flow to every input that requires them.
+    """
+    op = "projected_mse"
+    for name, t in (("student", student), ("teacher", teacher), ("projection", projection)):
+        _checks.check_tensor(op, name, t)
+    dtype = _checks.check_same_dtype(op, student=student, teacher=teacher, projection=projection)
+    device = _checks.check_same_device(op, student=student, teacher=teacher, projection=projection)
+    _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
+    if student.dim() < 1 or teacher.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"cex_kernels.projected_mse: student {tuple(student.shape)} and teacher "
+                         f"{tuple(teacher.shape)} must have the same leading dimensions "
+                         "(..., d_s) and (..., d_t)")
+    d_s, d_t = student.shape[-1], teacher.shape[-1]
+    if projection.dim() != 2 or tuple(projection.shape) != (d_t, d_s):
+        raise ValueError(f"cex_kernels.projected_mse: projection must be (d_t, d_s) = ({d_t}, {d_s}) "
+                         f"for teacher {tuple(teacher.shape)} and student {tuple(student.shape)}, "
+                         f"got {tuple(projection.shape)}")
+    backend = _backends.resolve_backend(op, backend, device, dtype)
+    unit = _NEEDS_UNIT_INNER_STRIDE[backend]
+    s2 = _checks.as_rows(student, unit_inner_stride=unit)
+    t2 = _checks.as_rows(teacher, unit_inner_stride=unit)
+    p2 = _checks.as_rows(projection, unit_inner_stride=unit)
+    compute_grad = torch.is_grad_enabled() and (
+        student.requires_grad or teacher.requires_grad or projection.requires_grad)
+    loss, _ = projected_mse_op(s2, t2, p2, reduction, backend, compute_grad)
+    return loss.reshape(student.shape[:-1]) if reduction == "none" else loss

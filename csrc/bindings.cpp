@@ -1,0 +1,84 @@
+// The only translation unit that sees both torch and the kernels: it turns tensors into
+// raw pointers for the CUDA launchers and exposes everything to Python as cex_kernels._C.
+// The CUDA stream comes from Python as an integer (torch.cuda.current_stream().cuda_stream)
+// so this file compiles against a CPU-only PyTorch too (CI checks it with CEX_WITH_CUDA).
+#include <torch/extension.h>
+
+#include "cpu/projected_mse.h"
+
+#ifdef CEX_WITH_CUDA
+#include "cuda/projected_mse.h"
+
+namespace {
+
+cex::cuda::DType cuda_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return cex::cuda::DType::kFloat32;
+    case at::kHalf: return cex::cuda::DType::kFloat16;
+    case at::kBFloat16: return cex::cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "cex cuda kernels support float32, float16 and bfloat16, got ",
+                  t.scalar_type());
+  }
+}
+
+void check_cuda_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "cex cuda projected_mse: ", name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, "cex cuda projected_mse: ", name, " must be 2-D, got ", t.sizes());
+  TORCH_CHECK(t.stride(1) == 1 || t.size(1) <= 1, "cex cuda projected_mse: ", name,
+              " needs unit stride in its last dimension, got strides ", t.strides());
+}
+
+// Caller (Python) has set the current device to the tensors' device.
+std::tuple<at::Tensor, at::Tensor> projected_mse_fwd_cuda(const at::Tensor& student,
+                                                          const at::Tensor& teacher,
+                                                          const at::Tensor& projection,
+                                                          double grad_scale, bool compute_grad,
+                                                          int64_t stream) {
+  check_cuda_matrix(student, "student");
+  check_cuda_matrix(teacher, "teacher");
+  check_cuda_matrix(projection, "projection");
+  TORCH_CHECK(student.size(0) == teacher.size(0) && projection.size(0) == teacher.size(1) &&
+                  projection.size(1) == student.size(1),
+              "cex cuda projected_mse: shapes do not chain: student ", student.sizes(),
+              ", teacher ", teacher.sizes(), ", projection ", projection.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() &&
+                  teacher.scalar_type() == projection.scalar_type(),
+              "cex cuda projected_mse: dtypes differ");
+  const auto dtype = cuda_dtype(student);
+  const int64_t n_rows = student.size(0), d_t = teacher.size(1), d_s = student.size(1);
+  at::Tensor grad = compute_grad ? at::empty({n_rows, d_s}, student.options())
+                                 : at::empty({0}, student.options());
+  const int64_t n_col_blocks = cex::cuda::projected_mse_num_col_blocks(d_s);
+  at::Tensor partial = at::empty({n_col_blocks, n_rows}, student.options().dtype(at::kFloat));
+  if (n_rows == 0 || d_s == 0) {
+    return {at::zeros({n_rows}, student.options().dtype(at::kFloat)), grad};
+  }
+  const int err = cex::cuda::projected_mse_fwd(
+      dtype, student.data_ptr(), student.stride(0), teacher.data_ptr(), teacher.stride(0),
+      projection.data_ptr(), projection.stride(0), partial.data_ptr<float>(),
+      compute_grad ? grad.data_ptr() : nullptr, compute_grad ? grad.stride(0) : 0, n_rows, d_t,
+      d_s, static_cast<float>(grad_scale), reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == 0, "cex cuda projected_mse: kernel launch failed with CUDA error ", err);
+  return {partial.sum(0), grad};
+}
+
+}  // namespace
+#endif  // CEX_WITH_CUDA
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "cex-kernels compiled kernels (C++ CPU always; CUDA when built with it)";
+  m.def("projected_mse_fwd_cpu", &cex::cpu::projected_mse_fwd,
+        "Fused projected MSE on the CPU: returns (row_sq_err, grad)", py::arg("student"),
+        py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
+        py::arg("compute_grad"));
+#ifdef CEX_WITH_CUDA
+  m.attr("with_cuda") = true;
+  m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,
+        "Fused projected MSE on CUDA: returns (row_sq_err, grad)", py::arg("student"),
+        py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
+        py::arg("compute_grad"), py::arg("stream"));
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
