@@ -78,11 +78,27 @@ def _(student, teacher, projection, reduction, backend, compute_grad):
 def _setup_context(ctx, inputs, output):
     student, teacher, projection, reduction, backend, compute_grad = inputs
     _, grad = output
-    ctx.mark_non_differentiable(grad)
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
     ctx.save_for_backward(grad, teacher if ctx.needs_input_grad[2] else None,
                           projection if ctx.needs_input_grad[1] else None)
+
+
+def _may_scale_in_place(grad: Tensor) -> bool:
+    """True when autograd frees this graph after the current backward (no retain_graph)
+    and nothing is tracing or differentiating the backward itself.
+
+    Only then may backward scale the stored gradient in place: with retain_graph (gradcheck,
+    several backward calls) it is needed again. Unknown (older torch, tracing) -> False.
+    """
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled()  # create_graph=True
+            or type(grad) is not torch.Tensor):  # fake/functional tensors: being traced
+        return False
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return keep_graph is not None and not keep_graph()
+    except RuntimeError:  # not inside a graph task
+        return False
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
@@ -90,10 +106,13 @@ def _backward(ctx, grad_loss, _grad_of_grad):
         raise RuntimeError("cex::projected_mse was called with compute_grad=False, so it kept no "
                            "gradient; call cex_kernels.projected_mse, which sets it")
     grad, teacher, projection = ctx.saved_tensors
-    # Scale the stored unit gradient in place: it is ours alone, and autograd's version
-    # counter turns a second backward through it (retain_graph) into a clear error.
-    upstream = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
-    grad_student = grad.mul_(upstream.to(grad.dtype))
+    # Scale the stored unit gradient in place when nobody will read it again, so the
+    # student's gradient costs no second (N, d_s) tensor; out of place otherwise.
+    upstream = (grad_loss[:, None] if ctx.reduction == "none" else grad_loss).to(grad.dtype)
+    if _may_scale_in_place(grad):
+        grad_student = grad.mul_(upstream)
+    else:
+        grad_student = grad * upstream
     grad_teacher = grad_projection = None
     if ctx.needs_input_grad[1]:  # d/dT of ||S - T P||^2 terms: -dS @ Pᵀ
         grad_teacher = (grad_student @ projection.T).neg_()

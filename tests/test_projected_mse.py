@@ -1,0 +1,226 @@
+"""projected_mse against the float64 eager reference, on every backend that runs here."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import cex_kernels
+from cex_kernels import reference
+from conftest import assert_close_to_reference, backend_cases, skip_unsupported
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+REDUCTIONS = ["mean", "sum", "none"]
+# (leading shape, d_t, d_s): one row; sizes that are multiples of no block size; d_s > d_t
+# and d_s < d_t; leading batch dimensions.
+SHAPES = [((1,), 16, 8), ((37,), 50, 21), ((13,), 5, 40), ((2, 3, 7), 33, 17), ((65,), 130, 3)]
+
+
+def make_inputs(lead, d_t, d_s, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    student = torch.randn(*lead, d_s, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(*lead, d_t, generator=gen, dtype=torch.float64)
+    projection = cex_kernels.random_projection(d_t, d_s, seed=seed, dtype=torch.float64)
+    return [x.to(dtype=dtype, device=device) for x in (student, teacher, projection)]
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[0])) + f"-{s[1]}-{s[2]}")
+def test_forward_matches_reference(device, backend, dtype, reduction, shape):
+    skip_unsupported(device, backend, dtype)
+    student, teacher, projection = make_inputs(*shape, dtype, device)
+    loss = cex_kernels.projected_mse(student, teacher, projection, reduction=reduction,
+                                     backend=backend)
+    expected = reference.projected_mse(student.double(), teacher.double(), projection.double(),
+                                       reduction)
+    assert loss.dtype == dtype and loss.device.type == device
+    assert loss.shape == (shape[0] if reduction == "none" else ())
+    assert_close_to_reference(loss, expected, dtype, f"{backend} loss")
+
+
+GRAD_COMBOS = [(True, False, False), (False, True, False), (False, False, True),
+               (True, True, True), (True, False, True)]
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("needs", GRAD_COMBOS, ids=lambda n: "".join("STP"[i] for i in range(3) if n[i]))
+def test_gradients_match_reference(device, backend, dtype, reduction, needs):
+    skip_unsupported(device, backend, dtype)
+    inputs = make_inputs((2, 19), 45, 23, dtype, device, seed=1)
+    for x, need in zip(inputs, needs):
+        x.requires_grad_(need)
+    loss = cex_kernels.projected_mse(*inputs, reduction=reduction, backend=backend)
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(2),
+                           dtype=torch.float64)
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = torch.autograd.grad(loss, wanted, upstream.to(dtype=dtype, device=device))
+
+    ref_inputs = [x.detach().double().cpu().requires_grad_(x.requires_grad) for x in inputs]
+    ref_loss = reference.projected_mse(*ref_inputs, reduction=reduction)
+    ref_grads = torch.autograd.grad(ref_loss, [x for x in ref_inputs if x.requires_grad], upstream)
+    for name, g, rg in zip([n for n, need in zip("STP", needs) if need], grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape
+        assert_close_to_reference(g, rg, dtype, f"{backend} grad of {name}")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck_float64(backend, reduction):
+    s, t, p = make_inputs((2, 5), 7, 6, torch.float64, "cpu", seed=3)
+    for x in (s, t, p):
+        x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: cex_kernels.projected_mse(a, b, c, reduction=reduction, backend=backend),
+        (s, t, p))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_opcheck(device, backend):
+    dtype = torch.float32
+    s, t, p = make_inputs((9,), 20, 12, dtype, device, seed=4)
+    for reduction in REDUCTIONS:
+        for compute_grad in (False, True):
+            args = (s.clone().requires_grad_(compute_grad), t, p, reduction, backend, compute_grad)
+            torch.library.opcheck(torch.ops.cex.projected_mse.default, args)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[1] != "triton"])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    s, t, p = make_inputs((4, 10), 24, 12, torch.float32, device, seed=5)
+    s.requires_grad_()
+
+    def step(student, teacher, projection):
+        return cex_kernels.projected_mse(student, teacher, projection, backend=backend) * 3.0
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(s, t, p)
+    (grad,) = torch.autograd.grad(loss, s)
+    ref = reference.projected_mse(s.double(), t.double(), p.double()) * 3.0
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    assert_close_to_reference(loss, ref, torch.float32, "compiled loss")
+    assert_close_to_reference(grad, ref_grad, torch.float32, "compiled grad")
+
+
+def test_torch_compile_inductor_cpu():
+    """The default (inductor) compiler traces the op and its backward without graph breaks."""
+    torch._dynamo.reset()
+    s, t, p = make_inputs((32,), 24, 12, torch.float32, "cpu", seed=6)
+    s.requires_grad_()
+    compiled = torch.compile(lambda a, b, c: cex_kernels.projected_mse(a, b, c, reduction="sum"),
+                             fullgraph=True)
+    loss = compiled(s, t, p)
+    loss.backward()
+    ref_s = s.detach().double().requires_grad_()
+    ref = reference.projected_mse(ref_s, t.double(), p.double(), "sum")
+    ref.backward()
+    assert_close_to_reference(loss, ref, torch.float32, "inductor loss")
+    assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "inductor grad")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_non_contiguous_inputs(device, backend):
+    base_s, base_t, p = make_inputs((24,), 30, 32, torch.float32, device, seed=7)
+    student = base_s[::2, ::2]          # strided rows and columns
+    teacher = base_t.T.contiguous().T[::2]  # column-major rows
+    projection = p[:, ::2]
+    assert not student.is_contiguous() and not teacher.is_contiguous()
+    loss = cex_kernels.projected_mse(student, teacher, projection, reduction="none", backend=backend)
+    expected = reference.projected_mse(student.double(), teacher.double(), projection.double(), "none")
+    assert_close_to_reference(loss, expected, torch.float32, "non-contiguous")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_zero_rows(device, backend):
+    s, t, p = make_inputs((0,), 8, 4, torch.float32, device)
+    s.requires_grad_()
+    assert math.isnan(cex_kernels.projected_mse(s, t, p, backend=backend).item())  # as F.mse_loss
+    total = cex_kernels.projected_mse(s, t, p, reduction="sum", backend=backend)
+    assert total.item() == 0.0
+    total.backward()
+    assert s.grad.shape == s.shape
+    assert cex_kernels.projected_mse(s, t, p, reduction="none", backend=backend).shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate(device, backend, bad):
+    s, t, p = make_inputs((8,), 16, 16, torch.float32, device)
+    t[3, 5] = bad
+    rows = cex_kernels.projected_mse(s, t, p, reduction="none", backend=backend)
+    assert not torch.isfinite(rows[3])
+    assert torch.isfinite(rows[torch.arange(8, device=device) != 3]).all()
+    assert not torch.isfinite(cex_kernels.projected_mse(s, t, p, backend=backend))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_retain_graph_backward_twice(device, backend):
+    """The stored gradient is scaled in place only when the graph is freed afterwards."""
+    s, t, p = make_inputs((6,), 8, 4, torch.float32, device)
+    s.requires_grad_()
+    loss = cex_kernels.projected_mse(s, t, p, reduction="sum", backend=backend)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    (loss * 3).backward()  # frees the graph: this one may scale in place
+    torch.testing.assert_close(s.grad, 4 * first)
+    ref_s = s.detach().double().requires_grad_()
+    reference.projected_mse(ref_s, t.double(), p.double(), "sum").backward()
+    assert_close_to_reference(first, ref_s.grad, torch.float32, "retained grad")
+
+
+def test_no_gradient_buffer_without_grad():
+    s, t, p = make_inputs((6,), 8, 4, torch.float32, "cpu")
+    _, grad = torch.ops.cex.projected_mse(s, t, p, "mean", "cpu", False)
+    assert grad.numel() == 0
+    with torch.no_grad():
+        assert cex_kernels.projected_mse(s.requires_grad_(), t, p).grad_fn is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 70), d_t=st.integers(1, 70), d_s=st.integers(1, 70),
+       reduction=st.sampled_from(REDUCTIONS), backend=st.sampled_from(["cpu", "reference"]),
+       seed=st.integers(0, 2**16))
+def test_fuzz_shapes(n, d_t, d_s, reduction, backend, seed):
+    s, t, p = make_inputs((n,), d_t, d_s, torch.float32, "cpu", seed=seed)
+    s.requires_grad_()
+    loss = cex_kernels.projected_mse(s, t, p, reduction=reduction, backend=backend)
+    ref_s = s.detach().double().requires_grad_()
+    expected = reference.projected_mse(ref_s, t.double(), p.double(), reduction)
+    if n == 0 and reduction == "mean":
+        assert math.isnan(loss.item())
+        return
+    assert_close_to_reference(loss, expected, torch.float32, "fuzz loss")
+    loss.sum().backward()
+    expected.sum().backward()
+    assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "fuzz grad")
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 40), d_t=st.integers(1, 40), d_s=st.integers(1, 40))
+def test_fuzz_shapes_triton(n, d_t, d_s):
+    cases = [c.values for c in backend_cases() if c.values[1] == "triton"]
+    if not cases:
+        pytest.skip("no triton backend here")
+    device = cases[0][0]
+    s, t, p = make_inputs((n,), d_t, d_s, torch.float32, device, seed=n * 7 + d_t)
+    loss = cex_kernels.projected_mse(s, t, p, reduction="none", backend="triton")
+    expected = reference.projected_mse(s.double(), t.double(), p.double(), "none")
+    assert_close_to_reference(loss, expected, torch.float32, "fuzz triton")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_backward_scales_the_forward_gradient_in_place(device, backend):
+    """Gradient-in-forward: a plain backward hands the student the buffer the forward wrote."""
+    s, t, p = make_inputs((10,), 12, 6, torch.float32, device)
+    s.requires_grad_()
+    loss, unit_grad = torch.ops.cex.projected_mse(s, t, p, "sum", backend, True)
+    (loss * 2).backward()
+    assert s.grad.data_ptr() == unit_grad.data_ptr()
+    ref_s = s.detach().double().requires_grad_()
+    (reference.projected_mse(ref_s, t.double(), p.double(), "sum") * 2).backward()
+    assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "in-place grad")
