@@ -78,6 +78,9 @@ def _(student, teacher, projection, reduction, backend, compute_grad):
 def _setup_context(ctx, inputs, output):
     student, teacher, projection, reduction, backend, compute_grad = inputs
     _, grad = output
+    # The second output is internal: without this, autograd would allocate a zero
+    # (N, d_s) gradient for it in backward, next to the stored one.
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
     ctx.save_for_backward(grad, teacher if ctx.needs_input_grad[2] else None,
@@ -106,6 +109,8 @@ def _backward(ctx, grad_loss, _grad_of_grad):
         raise RuntimeError("cex::projected_mse was called with compute_grad=False, so it kept no "
                            "gradient; call cex_kernels.projected_mse, which sets it")
     grad, teacher, projection = ctx.saved_tensors
+    if grad_loss is None:  # the loss did not reach the output being differentiated
+        return None, None, None, None, None, None
     # Scale the stored unit gradient in place when nobody will read it again, so the
     # student's gradient costs no second (N, d_s) tensor; out of place otherwise.
     upstream = (grad_loss[:, None] if ctx.reduction == "none" else grad_loss).to(grad.dtype)

@@ -25,11 +25,17 @@ namespace cex {
 namespace cpu {
 namespace {
 
-// About 256 KiB of fp32 tile per block; at least 16 rows so the GEMM stays efficient.
+// About 256 KiB of fp32 tile per block (at least 16 rows so the GEMM stays efficient),
+// then evened out so the number of blocks is a multiple of the thread count: with few
+// cores one extra block on one thread is a visible share of the time.
 int64_t rows_per_block(int64_t d_s, int64_t n_rows) {
   const int64_t target_tile_floats = 64 * 1024;
   int64_t rows = std::max<int64_t>(16, target_tile_floats / std::max<int64_t>(d_s, 1));
   rows = std::min<int64_t>(rows, 512);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t n_blocks = (n_rows + rows - 1) / rows;
+  n_blocks = ((n_blocks + threads - 1) / threads) * threads;
+  rows = (n_rows + n_blocks - 1) / n_blocks;
   return std::max<int64_t>(1, std::min(rows, n_rows));
 }
 
