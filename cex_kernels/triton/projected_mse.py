@@ -20,6 +20,8 @@ Tuned for N=16384, d_t=4096, d_s=1024 in bf16 on H100 and N=8192, d_t=1024, d_s=
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +50,9 @@ FP32_CONFIGS = [
     (64, 64, 32, 8, 4, 3),
     (32, 64, 32, 8, 4, 3),
 ]
+# CEX_TRITON_AUTOTUNE=0 launches the first config of the list without autotuning (test runs
+# on a GPU, where autotuning every small shape would only cost compile time).
+AUTOTUNE = os.environ.get("CEX_TRITON_AUTOTUNE", "1") != "0"
 # Under the interpreter (CPU tests) one small config, and no autotuning.
 INTERPRETER_CONFIG = (16, 16, 16, 4, 1, 1)
 MIN_BLOCK_N = min(c[1] for c in TENSOR_CORE_CONFIGS + TF32_CONFIGS + FP32_CONFIGS
@@ -179,7 +184,12 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
         else:
             kernel = projected_mse_fwd_fp32 if precision == "ieee" else projected_mse_fwd_tf32
         with torch.cuda.device(device):
-            kernel[grid](*args, **flags)
+            if AUTOTUNE:
+                kernel[grid](*args, **flags)
+            else:
+                config = kernel.configs[0]
+                kernel.fn[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
     return partial.sum(0), grad
 
 
