@@ -54,3 +54,65 @@ class ProjectedMSELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_teacher={self.d_teacher}, d_student={self.d_student}, seed={self.seed}, "
                 f"kind={self.kind!r}, learnable={self.learnable}, reduction={self.reduction!r}")
+
+
+class DistillKLLoss(nn.Module):
+    """Logit distillation: :func:`cex_kernels.softmax_kl` (``beta=None``) or
+    :func:`cex_kernels.jsd` (``beta`` in [0, 1]) with fixed settings.
+
+    ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, direction: str = "forward",
+                 beta=None, reduction: str = "batchmean", ignore_index: int = -100,
+                 scale_by_t2: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.direction, self.beta = temperature, direction, beta
+        self.reduction, self.ignore_index = reduction, ignore_index
+        self.scale_by_t2, self.backend = scale_by_t2, backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask=None, labels=None) -> torch.Tensor:
+        from cex_kernels.ops.softmax_kl import jsd, softmax_kl
+        common = dict(temperature=self.temperature, reduction=self.reduction, mask=mask,
+                      labels=labels, ignore_index=self.ignore_index,
+                      scale_by_t2=self.scale_by_t2, backend=self.backend)
+        if self.beta is None:
+            return softmax_kl(student_logits, teacher_logits, direction=self.direction, **common)
+        return jsd(student_logits, teacher_logits, beta=self.beta, **common)
+
+    def extra_repr(self) -> str:
+        kind = f"direction={self.direction!r}" if self.beta is None else f"beta={self.beta}"
+        return (f"{kind}, temperature={self.temperature}, reduction={self.reduction!r}, "
+                f"scale_by_t2={self.scale_by_t2}")
+
+
+class LinearKLLoss(nn.Module):
+    """Distillation through the student's output layer: :func:`cex_kernels.linear_kl`.
+
+    ``forward(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+    teacher_weight=None, student_bias=None, teacher_bias=None, mask=None, labels=None)``;
+    pass the student's ``lm_head.weight`` (and bias) so its logits are never materialized.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, direction: str = "forward", beta=None,
+                 reduction: str = "batchmean", ignore_index: int = -100,
+                 hard_label_weight: float = 0.0, scale_by_t2: bool = True,
+                 chunk_bytes: int = 256 * 1024 * 1024, backend: str = "auto"):
+        super().__init__()
+        self.options = dict(temperature=temperature, direction=direction, beta=beta,
+                            reduction=reduction, ignore_index=ignore_index,
+                            hard_label_weight=hard_label_weight, scale_by_t2=scale_by_t2,
+                            chunk_bytes=chunk_bytes, backend=backend)
+
+    def forward(self, student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+                teacher_weight=None, student_bias=None, teacher_bias=None, mask=None,
+                labels=None) -> torch.Tensor:
+        from cex_kernels.ops.linear_kl import linear_kl
+        return linear_kl(student_hidden, student_weight, teacher_logits,
+                         teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                         student_bias=student_bias, teacher_bias=teacher_bias, mask=mask,
+                         labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "backend")

@@ -5,6 +5,8 @@ tested against, and with autograd they give the reference gradients.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +33,134 @@ def projected_mse_rows(student: torch.Tensor, teacher: torch.Tensor, projection:
     grad = ((diff * grad_scale).to(student.dtype) if compute_grad
             else student.new_empty((0,)))
     return row_sq_err, grad
+
+
+# --- softmax_kl / jsd -----------------------------------------------------------------------
+
+def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> torch.Tensor:
+    """``p * (log_p - log_r)`` with 0·log 0 = 0, and gradients that stay finite where p == 0."""
+    keep = p > 0
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return torch.where(keep, p * (torch.where(keep, log_p, zero) - torch.where(keep, log_r, zero)),
+                       zero)
+
+
+def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                         beta: float) -> torch.Tensor:
+    """Per-row divergence (shape ``(...)``) between softmax(student/T) and softmax(teacher/T).
+
+    TRL GKD's ``generalized_jsd_loss`` convention: beta=0 → KL(p_t || p_s), beta=1 →
+    KL(p_s || p_t), otherwise beta·KL(p_t || m) + (1-beta)·KL(p_s || m) with
+    m = beta·p_t + (1-beta)·p_s. Differentiable (the tests' reference gradients).
+    """
+    ls = F.log_softmax(student / temperature, dim=-1)
+    lt = F.log_softmax(teacher / temperature, dim=-1)
+    if beta == 0:
+        return _xlogy_ratio(lt.exp(), lt, ls).sum(-1)
+    if beta == 1:
+        return _xlogy_ratio(ls.exp(), ls, lt).sum(-1)
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    return (beta * _xlogy_ratio(lt.exp(), lt, lm).sum(-1)
+            + (1 - beta) * _xlogy_ratio(ls.exp(), ls, lm).sum(-1))
+
+
+def _kept_rows(shape, device, mask, labels, ignore_index) -> torch.Tensor:
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
+    if mask is not None:
+        keep = keep & mask
+    if labels is not None:
+        keep = keep & (labels != ignore_index)
+    return keep
+
+
+def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
+        temperature: float = 1.0, reduction: str = "batchmean", mask=None, labels=None,
+        ignore_index: int = -100, scale_by_t2: bool = True) -> torch.Tensor:
+    """Eager ``cex_kernels.jsd``: per-row divergences, dropped rows zeroed, then reduced."""
+    rows = generalized_jsd_rows(student, teacher, temperature, beta)
+    keep = _kept_rows(rows.shape, rows.device, mask, labels, ignore_index)
+    rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if scale_by_t2:
+        rows = rows * temperature ** 2
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep.sum().clamp(min=1)
+
+
+def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
+               direction: str = "forward", **kwargs) -> torch.Tensor:
+    """Eager ``cex_kernels.softmax_kl``: forward = KL(p_t || p_s), reverse = KL(p_s || p_t)."""
+    return jsd(student, teacher, beta=0.0 if direction == "forward" else 1.0,
+               temperature=temperature, **kwargs)
+
+
+def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
+                    inv_temperature: float, beta: float, grad_student: bool,
+                    grad_teacher: bool):
+    """The ``reference`` backend's kernel contract (see ``ops/softmax_kl.py``).
+
+    2-D logits, ``beta`` in [0, 1) (beta = 1 is handled by swapping the inputs). Returns
+    ``(row_loss, grad_student, grad_teacher)``: ``row_loss[r] = w[r] * L_r`` (0 where
+    ``w[r] == 0``) and ``grad = w[r] / T * dL_r/dz`` written from closed forms; fp32
+    accumulation (float64 for float64).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    w = row_weight.to(acc)[:, None]
+    kept = w != 0
+    zs = student.to(acc) * inv_temperature
+    zt = teacher.to(acc) * inv_temperature
+    ls, lt = F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1)
+    p, q = ls.exp(), lt.exp()
+    zero = torch.zeros((), dtype=acc, device=student.device)
+    if beta == 0:  # KL(q || p)
+        terms = torch.where(q == 0, zero, q * (lt - ls))
+        loss = terms.sum(-1, keepdim=True)
+        d_s = p - q
+        d_t = torch.where(q == 0, zero, q * (lt - ls - loss))
+    else:
+        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+        kt = torch.where(q == 0, zero, q * (lt - lm)).sum(-1, keepdim=True)
+        ks = torch.where(p == 0, zero, p * (ls - lm)).sum(-1, keepdim=True)
+        loss = beta * kt + (1 - beta) * ks
+        d_s = torch.where(p == 0, zero, (1 - beta) * p * (ls - lm - ks))
+        d_t = torch.where(q == 0, zero, beta * q * (lt - lm - kt))
+    row_loss = torch.where(kept, w * loss, zero)[:, 0]
+    g_scale = w * inv_temperature
+
+    def grad(d, want, like):
+        if not want:
+            return like.new_empty((0,))
+        return torch.where(kept, g_scale * d, zero).to(like.dtype)
+
+    return row_loss, grad(d_s, grad_student, student), grad(d_t, grad_teacher, teacher)
+
+
+def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+              teacher_weight=None, student_bias=None, teacher_bias=None, temperature=1.0,
+              direction="forward", beta=None, reduction="batchmean", mask=None, labels=None,
+              ignore_index=-100, hard_label_weight=0.0, scale_by_t2=True) -> torch.Tensor:
+    """Eager ``cex_kernels.linear_kl``: materialize both logits, then the eager divergence
+    plus ``hard_label_weight`` times the cross-entropy on the kept rows (same reduction)."""
+    logits = F.linear(student_hidden, student_weight, student_bias)
+    if teacher_logits is None:
+        teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
+    teacher_logits = teacher_logits.detach()
+    if beta is None:
+        beta = 0.0 if direction == "forward" else 1.0
+    loss = jsd(logits, teacher_logits, beta=beta, temperature=temperature, reduction=reduction,
+               mask=mask, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+    if hard_label_weight > 0:
+        keep = _kept_rows(logits.shape[:-1], logits.device, mask, labels, ignore_index)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                             torch.where(keep, labels, 0).reshape(-1), reduction="none")
+        ce = torch.where(keep.reshape(-1), ce, torch.zeros((), dtype=ce.dtype)).reshape(keep.shape)
+        if reduction == "none":
+            ce_loss = ce
+        elif reduction == "sum":
+            ce_loss = ce.sum()
+        else:
+            ce_loss = ce.sum() / keep.sum().clamp(min=1)
+        loss = loss + hard_label_weight * ce_loss
+    return loss

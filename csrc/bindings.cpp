@@ -5,9 +5,11 @@
 #include <torch/extension.h>
 
 #include "cpu/projected_mse.h"
+#include "cpu/softmax_kl.h"
 
 #ifdef CEX_WITH_CUDA
 #include "cuda/projected_mse.h"
+#include "cuda/softmax_kl.h"
 
 namespace {
 
@@ -63,6 +65,42 @@ std::tuple<at::Tensor, at::Tensor> projected_mse_fwd_cuda(const at::Tensor& stud
   return {partial.sum(0), grad};
 }
 
+// Caller (Python) has set the current device to the tensors' device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    double inv_temperature, double beta, bool grad_student, bool grad_teacher, int64_t stream) {
+  for (const auto* t : {&student, &teacher}) {
+    TORCH_CHECK(t->is_cuda() && t->dim() == 2, "cex cuda softmax_kl: logits must be 2-D CUDA "
+                "tensors, got ", t->sizes(), " on ", t->device());
+    TORCH_CHECK(t->stride(1) == 1 || t->size(1) <= 1, "cex cuda softmax_kl: logits need unit "
+                "stride in their last dimension, got strides ", t->strides());
+  }
+  TORCH_CHECK(student.sizes() == teacher.sizes(), "cex cuda softmax_kl: student ",
+              student.sizes(), " and teacher ", teacher.sizes(), " differ");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(), "cex cuda softmax_kl: dtypes differ");
+  TORCH_CHECK(row_weight.is_cuda() && row_weight.dim() == 1 &&
+                  row_weight.size(0) == student.size(0),
+              "cex cuda softmax_kl: row_weight must be a CUDA (N,) tensor, got ",
+              row_weight.sizes());
+  TORCH_CHECK(beta >= 0.0 && beta < 1.0, "cex cuda softmax_kl: beta must be in [0, 1), got ", beta);
+  const auto dtype = cuda_dtype(student);
+  const int64_t n_rows = student.size(0), V = student.size(1);
+  at::Tensor weight = row_weight.to(at::kFloat).contiguous();
+  at::Tensor row_loss = at::zeros({n_rows}, student.options().dtype(at::kFloat));
+  at::Tensor grad_s = grad_student ? at::empty({n_rows, V}, student.options())
+                                   : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? at::empty({n_rows, V}, teacher.options())
+                                   : at::empty({0}, teacher.options());
+  const int err = cex::cuda::softmax_kl_fwd(
+      dtype, student.data_ptr(), student.stride(0), teacher.data_ptr(), teacher.stride(0),
+      weight.data_ptr<float>(), row_loss.data_ptr<float>(),
+      grad_student ? grad_s.data_ptr() : nullptr, grad_teacher ? grad_t.data_ptr() : nullptr,
+      n_rows, V, static_cast<float>(inv_temperature), static_cast<float>(beta),
+      reinterpret_cast<void*>(stream));
+  TORCH_CHECK(err == 0, "cex cuda softmax_kl: kernel launch failed with CUDA error ", err);
+  return {row_loss, grad_s, grad_t};
+}
+
 }  // namespace
 #endif  // CEX_WITH_CUDA
 
@@ -72,12 +110,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused projected MSE on the CPU: returns (row_sq_err, grad)", py::arg("student"),
         py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
         py::arg("compute_grad"));
+  m.def("softmax_kl_fwd_cpu", &cex::cpu::softmax_kl_fwd,
+        "Fused softmax KL / generalized JSD on the CPU: returns (row_loss, grad_student, "
+        "grad_teacher)", py::arg("student"), py::arg("teacher"), py::arg("row_weight"),
+        py::arg("inv_temperature"), py::arg("beta"), py::arg("grad_student"),
+        py::arg("grad_teacher"));
 #ifdef CEX_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,
         "Fused projected MSE on CUDA: returns (row_sq_err, grad)", py::arg("student"),
         py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
         py::arg("compute_grad"), py::arg("stream"));
+  m.def("softmax_kl_fwd_cuda", &softmax_kl_fwd_cuda,
+        "Fused softmax KL / generalized JSD on CUDA: returns (row_loss, grad_student, "
+        "grad_teacher)", py::arg("student"), py::arg("teacher"), py::arg("row_weight"),
+        py::arg("inv_temperature"), py::arg("beta"), py::arg("grad_student"),
+        py::arg("grad_teacher"), py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

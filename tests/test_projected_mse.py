@@ -224,3 +224,18 @@ def test_backward_scales_the_forward_gradient_in_place(device, backend):
     ref_s = s.detach().double().requires_grad_()
     (reference.projected_mse(ref_s, t.double(), p.double(), "sum") * 2).backward()
     assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "in-place grad")
+
+
+def test_fwd_bwd_extra_memory_is_one_gradient():
+    """Only the student's gradient is allocated (plus the kernel's row-block scratch, 256 KiB
+    per thread): no zero gradient for the internal output, no copy in AccumulateGrad."""
+    from cex_kernels.bench_utils import peak_extra_memory
+    s, t, p = make_inputs((16384,), 64, 64, torch.float32, "cpu")
+    s.requires_grad_()
+
+    def step():
+        s.grad = None
+        cex_kernels.projected_mse(s, t, p, backend="cpu").backward()
+
+    grad_bytes = s.numel() * 4
+    assert peak_extra_memory(step, "cpu") < 1.1 * grad_bytes

@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 # Opt-in shared memory per block (bytes): A100 163 KiB, H100 227 KiB.
 SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
-MODULES = ("cex_kernels.triton.projected_mse",)
+MODULES = ("cex_kernels.triton.projected_mse", "cex_kernels.triton.softmax_kl",
+           "cex_kernels.triton.linear_kl")
 
 
 def _specs():

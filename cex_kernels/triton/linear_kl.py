@@ -1,0 +1,356 @@
+"""Vocabulary-tiled linear + KL in Triton: the (N, V) logits never exist, not even in chunks.
+
+For student hidden states h (N, H), output layer W (V, H) (+ bias b), teacher logits t (N, V),
+temperature T, s = (h Wᵀ + b) / T and t' = t / T, each row's loss needs only a handful of
+running statistics, so the kernels keep those and recompute logit tiles instead of storing
+them (the Cut Cross-Entropy idea, extended to a teacher distribution):
+
+* ``linear_kl_stats_kernel`` (grid: row blocks x vocabulary splits) computes one
+  BLOCK_M x BLOCK_V logit tile at a time on the tensor cores and folds it into online
+  statistics per row: max and sum of exp for the student (and at T = 1 for the hard-label
+  cross-entropy) and the teacher, and the cross terms
+  ``Xf = sum e^(t'-m_t) (t' - s)`` and ``Xr = sum e^(s-m_s) (s - t')``. The few splits
+  are merged with log-sum-exp algebra on the host side (O(N) work). Then
+  ``KL(q || p) = Xf / l_t - lse_t + lse_s`` and ``KL(p || q) = Xr / l_s - lse_s + lse_t``.
+* ``linear_kl_grad_kernel`` (grid: row blocks x vocabulary tiles) recomputes its tile,
+  forms ``g = dL/dlogits`` (``w/T (p - q)`` forward, ``w/T p (log p - log q - KL)``
+  reverse, plus ``w_ce (softmax(z) - onehot)``) and adds ``g W`` into d hidden and
+  ``gᵀ h`` into d weight with fp32 atomics (so the summation order, and the last bits,
+  vary between runs).
+
+FLOPs: 2 N V H (stats) + 2 N V H (recomputed tile) + 4 N V H (d hidden, d weight) =
+8 N V H, against 6 N V H for a materializing implementation: the price of O(N) memory.
+Minimal bytes: read h, W and t once (t dominates: N V itemsize), write d hidden and
+d weight. Extra memory: fp32 d hidden/d weight accumulators and 9 floats per row per
+split. Supported here: teacher given as logits, forward or reverse KL, optional hard-label
+cross-entropy; the generalized JSD and teacher-as-hidden-states use the chunked algorithm.
+Block shapes are fixed per dtype (spill-free for sm_80/sm_90, not yet tuned on a GPU).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
+# (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
+# compiles without spills for sm_80 and sm_90 (`python -m cex_kernels.triton.aot`); the
+# stats kernel keeps three online reductions beside its logit tile, hence the small tiles.
+STATS_CONFIG = {
+    ("tensor_core", True): (64, 64, 64, 8, 3), ("tensor_core", False): (32, 64, 64, 8, 2),
+    ("tf32", True): (32, 64, 32, 8, 2), ("tf32", False): (32, 64, 64, 8, 2),
+    ("fp32", True): (32, 64, 32, 4, 2), ("fp32", False): (32, 64, 32, 8, 2),
+}
+GRAD_CONFIG = {
+    ("tensor_core", True): (64, 128, 32, 8, 2), ("tensor_core", False): (64, 128, 32, 8, 2),
+    ("tf32", True): (64, 64, 32, 8, 2), ("tf32", False): (64, 64, 32, 8, 2),
+    ("fp32", True): (32, 64, 32, 8, 1), ("fp32", False): (32, 64, 32, 8, 1),
+}
+INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
+N_STATS = 9  # m_s, l_s, x_r, m_t, l_t, x_f, m_1, l_1, picked
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H,
+                 stride_hm, stride_hk, stride_wv, stride_wk, HAS_BIAS: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """z = h[rows] @ W[cols]ᵀ (+ b[cols]) in fp32; h_ptr already points at the block's row 0."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :] * stride_hk,
+                    mask=row_mask[:, None] & (kk[None, :] < H), other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_wv + kk[:, None] * stride_wk,
+                    mask=col_mask[None, :] & (kk[:, None] < H), other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _online_update(m, l, x, z, other):
+    """Fold a tile into (max, sum e^(z-max), sum e^(z-max) (z - other)) per row.
+
+    0 · anything = 0 (a zero-probability entry adds nothing, even against -inf), but a
+    probable entry against -inf adds +inf, as the divergence says.
+    """
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe[:, None])
+    l = l * alpha + tl.sum(e, axis=1)
+    x = x * alpha + tl.sum(tl.where(e > 0, e * (z - other), 0.0), axis=1)
+    return m_new, l, x
+
+
+@triton.jit
+def linear_kl_stats_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, label_ptr, stats_ptr,
+    N, V, H, v_per_split,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_tm, stride_tv,
+    inv_t,
+    HAS_BIAS: tl.constexpr, NEED_CE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    row0 = pid_m.to(tl.int64) * BLOCK_M  # 64-bit base offsets; per-element offsets stay 32-bit
+    h_ptr += row0 * stride_hm
+    t_ptr += row0 * stride_tm
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < N - row0
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(V, v_lo + v_per_split)
+    neg_inf = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    zero = tl.zeros((BLOCK_M,), tl.float32)
+    m_s, l_s, x_r = neg_inf, zero, zero
+    m_t, l_t, x_f = neg_inf, zero, zero
+    m_1, l_1, picked = neg_inf, zero, zero
+    label = tl.full((BLOCK_M,), -1, tl.int64)
+    if NEED_CE:
+        label = tl.load(label_ptr + row0 + rows, mask=row_mask, other=-1).to(tl.int64)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hm,
+                         stride_hk, stride_wv, stride_wk, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
+                         BLOCK_V, BLOCK_K)
+        s = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + cols[None, :] * stride_tv,
+                    mask=row_mask[:, None] & col_mask[None, :], other=float("-inf"))
+        t = t.to(tl.float32) * inv_t
+        m_s, l_s, x_r = _online_update(m_s, l_s, x_r, s, t)
+        m_t, l_t, x_f = _online_update(m_t, l_t, x_f, t, s)
+        if NEED_CE:
+            z1 = tl.where(col_mask[None, :], z, float("-inf"))
+            m_1, l_1, _unused = _online_update(m_1, l_1, zero, z1, z1)
+            picked += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
+    # stats layout (splits, N_STATS, N), fp32
+    out = stats_ptr + split.to(tl.int64) * 9 * N + row0 + rows
+    tl.store(out, m_s, mask=row_mask)
+    tl.store(out + N, l_s, mask=row_mask)
+    tl.store(out + 2 * N, x_r, mask=row_mask)
+    tl.store(out + 3 * N, m_t, mask=row_mask)
+    tl.store(out + 4 * N, l_t, mask=row_mask)
+    tl.store(out + 5 * N, x_f, mask=row_mask)
+    tl.store(out + 6 * N, m_1, mask=row_mask)
+    tl.store(out + 7 * N, l_1, mask=row_mask)
+    tl.store(out + 8 * N, picked, mask=row_mask)
+
+
+@triton.jit
+def linear_kl_grad_kernel(
+    h_ptr, w_ptr, b_ptr, t_ptr, label_ptr, row_ptr, dh_ptr, dw_ptr, db_ptr,
+    N, V, H,
+    stride_hm, stride_hk, stride_wv, stride_wk, stride_tm, stride_tv,
+    inv_t,
+    REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_CE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """g = dL/dlogits for one tile, then d hidden += g W and d weight += gᵀ h (fp32 atomics).
+
+    row_ptr: (6, N) fp32 per-row values: lse_s, lse_t (at T, scaled units), the reverse KL,
+    lse at T = 1, the KD weight (mask x T² x divisor x upstream) and the CE weight.
+    """
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    row0 = pid_m.to(tl.int64) * BLOCK_M
+    h_ptr += row0 * stride_hm
+    t_ptr += row0 * stride_tm
+    dh_ptr += row0 * H
+    rows = tl.arange(0, BLOCK_M)
+    row_mask = rows < N - row0
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_mask = cols < V
+    tile_mask = row_mask[:, None] & col_mask[None, :]
+
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hm,
+                     stride_hk, stride_wv, stride_wk, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
+                     BLOCK_V, BLOCK_K)
+    r = row_ptr + row0 + rows
+    lse_s = tl.load(r, mask=row_mask, other=0.0)
+    lse_t = tl.load(r + N, mask=row_mask, other=0.0)
+    kd_w = tl.load(r + 4 * N, mask=row_mask, other=0.0)
+    t = tl.load(t_ptr + rows[:, None] * stride_tm + cols[None, :] * stride_tv,
+                mask=tile_mask, other=float("-inf")).to(tl.float32) * inv_t
+    log_p = z * inv_t - lse_s[:, None]
+    p = tl.exp(log_p)
+    if REVERSE:  # d/ds of sum p (log p - log q): p (log p - log q - KL)
+        kl_r = tl.load(r + 2 * N, mask=row_mask, other=0.0)
+        g = tl.where(p > 0, p * (log_p - (t - lse_t[:, None]) - kl_r[:, None]), 0.0)
+    else:  # d/ds of sum q (log q - log p): p - q
+        g = p - tl.exp(t - lse_t[:, None])
+    # Dropped rows (weight 0) contribute exactly nothing, even where their logits are odd.
+    g = tl.where(kd_w[:, None] != 0, g * (kd_w * inv_t)[:, None], 0.0)
+    if NEED_CE:
+        lse_1 = tl.load(r + 3 * N, mask=row_mask, other=0.0)
+        ce_w = tl.load(r + 5 * N, mask=row_mask, other=0.0)
+        label = tl.load(label_ptr + row0 + rows, mask=row_mask, other=-1)
+        onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+        g += tl.where(ce_w[:, None] != 0, ce_w[:, None] * (tl.exp(z - lse_1[:, None]) - onehot), 0.0)
+    g = tl.where(tile_mask, g, 0.0)
+    g_in = g.to(h_ptr.dtype.element_ty)  # tensor-core operand, as the logits would be
+
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < H
+        w = tl.load(w_ptr + cols[:, None] * stride_wv + kk[None, :] * stride_wk,
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        tl.atomic_add(dh_ptr + rows[:, None] * H + kk[None, :],
+                      tl.dot(g_in, w, input_precision=INPUT_PRECISION),
+                      mask=row_mask[:, None] & k_mask[None, :])
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :] * stride_hk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :],
+                      tl.dot(tl.trans(g_in), h, input_precision=INPUT_PRECISION),
+                      mask=col_mask[:, None] & k_mask[None, :])
+    if HAS_BIAS:
+        tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
+
+
+def _input_precision(dtype):
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee"
+
+
+def _config(table, tensors, sizes):
+    """The block shape for these inputs: by math mode and by 16-alignment."""
+    first = tensors[0]
+    if first.device.type == "cpu":
+        return INTERPRETER_CONFIG
+    if first.dtype != torch.float32:
+        kind = "tensor_core"
+    else:
+        kind = "fp32" if _input_precision(first.dtype) == "ieee" else "tf32"
+    aligned = (all(x % 16 == 0 for x in sizes)
+               and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors))
+    return table[(kind, aligned)]
+
+
+def _merge(m, l, x):
+    """Combine per-split (max, sum-exp, cross) statistics of shape (splits, N)."""
+    m_all = m.max(dim=0).values
+    m_safe = torch.where(torch.isinf(m_all) & (m_all < 0), torch.zeros_like(m_all), m_all)
+    scale = torch.exp(m - m_safe)
+    return m_all, (l * scale).sum(0), (torch.where(scale > 0, x * scale, 0.0)).sum(0)
+
+
+def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_weight,
+                    temperature: float, reverse: bool, want_grad: bool):
+    """Row losses (fp32) and, when ``want_grad``, d hidden / d weight / d bias (fp32).
+
+    2-D inputs of one dtype (fp32/fp16/bf16) with unit stride along their last dimension
+    (the kernels are compiled for that layout); ``kd_weight``/``ce_weight`` (N,) fp32 row
+    weights (``ce_weight`` None: no hard-label term); ``labels`` int64 (N,) or None.
+    """
+    n_rows, hidden_size = hidden.shape
+    vocab = weight.shape[0]
+    device = hidden.device
+    inv_t = 1.0 / temperature
+    need_ce = ce_weight is not None
+    labels_arg = labels if need_ce else kd_weight  # unread when not need_ce
+    bias_arg = bias if bias is not None else kd_weight
+    precision = _input_precision(hidden.dtype)
+    common = dict(HAS_BIAS=bias is not None, NEED_CE=need_ce, INPUT_PRECISION=precision)
+
+    layout = ((hidden, weight, teacher_logits), (n_rows, vocab, hidden_size))
+    bm, bv, bk, warps, stages = _config(STATS_CONFIG, *layout)
+    row_blocks = triton.cdiv(n_rows, bm)
+    if device.type == "cuda":  # enough programs to fill the GPU twice
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, bv)))
+    else:
+        splits = min(2, triton.cdiv(vocab, bv))  # exercise the merge under the interpreter
+    v_per_split = triton.cdiv(triton.cdiv(vocab, splits), bv) * bv
+    splits = triton.cdiv(vocab, v_per_split)
+    stats = torch.empty((splits, N_STATS, n_rows), dtype=torch.float32, device=device)
+    strides = (*hidden.stride(), *weight.stride(), *teacher_logits.stride())
+    launch = {} if device.type == "cpu" else dict(num_warps=warps, num_stages=stages)
+    linear_kl_stats_kernel[(row_blocks, splits)](
+        hidden, weight, bias_arg, teacher_logits, labels_arg, stats, n_rows, vocab,
+        hidden_size, v_per_split, *strides, inv_t, **common, BLOCK_M=bm, BLOCK_V=bv,
+        BLOCK_K=bk, **launch)
+
+    m_s, l_s, x_r = _merge(stats[:, 0], stats[:, 1], stats[:, 2])
+    m_t, l_t, x_f = _merge(stats[:, 3], stats[:, 4], stats[:, 5])
+    lse_s, lse_t = m_s + torch.log(l_s), m_t + torch.log(l_t)
+    kl = (x_r / l_s - lse_s + lse_t) if reverse else (x_f / l_t - lse_t + lse_s)
+    kept = kd_weight != 0
+    rows = torch.where(kept, kd_weight * kl, torch.zeros_like(kl))
+    lse_1 = torch.zeros_like(kl)
+    if need_ce:
+        m_1, l_1, _ = _merge(stats[:, 6], stats[:, 7], torch.zeros_like(stats[:, 7]))
+        lse_1 = m_1 + torch.log(l_1)
+        ce = lse_1 - stats[:, 8].sum(0)
+        rows = rows + torch.where(ce_weight != 0, ce_weight * ce, torch.zeros_like(ce))
+    if not want_grad:
+        return rows, None, None, None
+
+    row_values = torch.stack([lse_s, lse_t, kl, lse_1, kd_weight.float(),
+                              ce_weight.float() if need_ce else torch.zeros_like(kl)])
+    d_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
+    d_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
+    d_bias = torch.zeros((vocab,), dtype=torch.float32, device=device) if bias is not None else d_weight
+    bm, bv, bk, warps, stages = _config(GRAD_CONFIG, *layout)
+    launch = {} if device.type == "cpu" else dict(num_warps=warps, num_stages=stages)
+    linear_kl_grad_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(vocab, bv))](
+        hidden, weight, bias_arg, teacher_logits, labels_arg, row_values, d_hidden, d_weight,
+        d_bias, n_rows, vocab, hidden_size, *strides, inv_t, REVERSE=reverse, **common,
+        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **launch)
+    return rows, d_hidden, d_weight, d_bias if bias is not None else None
+
+
+# Ahead-of-time compile specs (``python -m cex_kernels.triton.aot``): each kernel in each
+# dtype with the config the launcher uses, specialized as the JIT specializes the inputs
+# the op passes (unit inner strides: ``linear_kl`` makes them so), with 16-divisible
+# pointers and sizes, plus a variant without divisibility (odd sizes).
+_INNER_STRIDES = ("stride_hk", "stride_wk", "stride_tv")
+
+
+def _aot_spec(kernel, name, dtype, config, constexprs, aligned):
+    bm, bv, bk, warps, stages = config
+    arg_names = kernel.arg_names
+    signature = {n: "i32" for n in arg_names}
+    for ptr in ("h_ptr", "w_ptr", "b_ptr", "t_ptr"):
+        signature[ptr] = f"*{dtype}"
+    for ptr in ("stats_ptr", "row_ptr", "dh_ptr", "dw_ptr", "db_ptr"):
+        if ptr in signature:
+            signature[ptr] = "*fp32"
+    signature["label_ptr"] = "*i64"
+    signature["inv_t"] = "fp32"
+    constexprs = dict(constexprs, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+    attrs = {}
+    constexprs.update({s: 1 for s in _INNER_STRIDES})
+    if aligned:
+        divisible = [n for n in arg_names if n.endswith("_ptr") or n in
+                     ("N", "V", "H", "v_per_split", "stride_hm", "stride_wv", "stride_tm")]
+        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    for key in constexprs:
+        signature[key] = "constexpr"
+    label = ",".join(f"{k}={v}" for k, v in constexprs.items()
+                     if k in ("REVERSE", "HAS_BIAS", "NEED_CE", "INPUT_PRECISION"))
+    return dict(name=f"{name}[{dtype},{label},{bm}x{bv}x{bk},w{warps}"
+                     f"{'' if aligned else ',unaligned'}]",
+                kernel=kernel, signature=signature, constexprs=constexprs, attrs=attrs,
+                num_warps=warps, num_stages=stages)
+
+
+def aot_specs():
+    specs = []
+    for dtype, precision, kind in (("fp32", "ieee", "fp32"), ("fp32", "tf32", "tf32"),
+                                   ("bf16", "ieee", "tensor_core"), ("fp16", "ieee", "tensor_core")):
+        flags = dict(HAS_BIAS=True, NEED_CE=True, INPUT_PRECISION=precision)
+        for aligned in (True, False):
+            specs.append(_aot_spec(linear_kl_stats_kernel, "linear_kl_stats", dtype,
+                                   STATS_CONFIG[(kind, aligned)], flags, aligned))
+            for reverse in (False, True):
+                specs.append(_aot_spec(linear_kl_grad_kernel, "linear_kl_grad", dtype,
+                                       GRAD_CONFIG[(kind, aligned)], dict(flags, REVERSE=reverse),
+                                       aligned))
+    return specs

@@ -1,0 +1,412 @@
+// Fused softmax-KL / generalized JSD on the CPU, with the gradients written in the forward.
+//
+// Math (per row, z_s = inv_t * student, z_t = inv_t * teacher, ls = log_softmax(z_s),
+// lt = log_softmax(z_t), p = exp(ls), q = exp(lt), 0 log 0 = 0):
+//   beta == 0:  L = sum q (lt - ls);   dL/dz_s = p - q;   dL/dz_t = q (lt - ls - L)
+//   0<beta<1:   lm = log(beta q + (1-beta) p) = logaddexp(lt + log beta, ls + log(1-beta))
+//               Kt = sum q (lt - lm), Ks = sum p (ls - lm), L = beta Kt + (1-beta) Ks
+//               dL/dz_s = (1-beta) p (ls - lm - Ks);   dL/dz_t = beta q (lt - lm - Kt)
+// (reverse KL is beta == 0 with the inputs swapped, done by the caller). Outputs are
+// multiplied by the row weight w (mask, T^2, batchmean divisor) and the gradients by inv_t.
+//
+// Passes over a row: (1) max of each row (vectorized), (2) sum of exp for each, giving the
+// log-normalizers, (3) the loss terms -- and, for KL with only the student gradient, the
+// gradient too -- (4) the gradients when they need the row total L (teacher gradient, JSD).
+// A row of V fp32 logits is 4V bytes, so passes 2-4 read from L2 up to V ~ 64k and from L3
+// beyond; DRAM sees each input once.
+// FLOPs per element: about 3 exp + 1 log1p (JSD) or 2 exp (KL) plus ~10 arithmetic ops.
+// Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
+// (N V itemsize), plus 4 N for the row losses.
+// Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
+// per-thread fp32 buffer first (and the gradient narrowed on the way out). fp32 rows run
+// an AVX2+FMA version (Sleef exp/log1p) when the CPU has it, else the portable
+// at::vec::Vectorized version (which this baseline-ISA build compiles to scalar lanes);
+// float64 (gradcheck) always takes the portable one. Sums are blocked (fp32 runs of 256
+// vectors, flushed into a double) so V = 256k rows lose no accuracy against eager PyTorch.
+// Tuned for N = 128..8192, V = 32k..256k fp32/bf16 on a 2-core AVX2 x86 machine.
+#include "softmax_kl.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace cex {
+namespace cpu {
+namespace {
+
+// Calls f(offset, count, valid) for each chunk of the row; valid masks the live lanes.
+template <typename T, typename F>
+void for_chunks(int64_t V, F&& f) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  const Vec all = Vec(T(0)) == Vec(T(0));
+  int64_t i = 0;
+  for (; i + W <= V; i += W) f(i, W, all);
+  if (i < V) {
+    const int64_t count = V - i;
+    f(i, count, Vec::arange(T(0), T(1)) < Vec(static_cast<T>(count)));
+  }
+}
+
+template <typename T>
+T sum_lanes(const at::vec::Vectorized<T>& v) {
+  T lanes[at::vec::Vectorized<T>::size()];
+  v.store(lanes);
+  T total = 0;
+  for (int64_t k = 0; k < at::vec::Vectorized<T>::size(); ++k) total += lanes[k];
+  return total;
+}
+
+// Sums vectors lane-wise and flushes the lanes into a double every 256 vectors, so a
+// 256k-long row is summed in short fp32 runs (error like eager PyTorch's pairwise sum).
+template <typename T>
+struct BlockedSum {
+  at::vec::Vectorized<T> acc{T(0)};
+  double total = 0;
+  int pending = 0;
+  void add(const at::vec::Vectorized<T>& v) {
+    acc = acc + v;
+    if (++pending == 256) flush();
+  }
+  void flush() {
+    total += static_cast<double>(sum_lanes(acc));
+    acc = at::vec::Vectorized<T>(T(0));
+    pending = 0;
+  }
+  T result() {
+    flush();
+    return static_cast<T>(total);
+  }
+};
+
+// log sum_i exp(inv_t * x_i), computed as inv_t * max + log sum exp(inv_t (x - max)).
+template <typename T>
+T log_normalizer(const T* x, int64_t V, T inv_t) {
+  using Vec = at::vec::Vectorized<T>;
+  const T mx = at::vec::reduce_all<T>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
+  const Vec vmx(mx), vinv(inv_t), zero(T(0));
+  BlockedSum<T> sum;
+  for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
+    const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
+    sum.add(Vec::blendv(zero, ((v - vmx) * vinv).exp(), valid));
+  });
+  return mx * inv_t + std::log(sum.result());
+}
+
+// One row in the accumulation type T. Returns w * L; writes gs / gt when not null.
+template <typename T>
+T divergence_row(const T* s, const T* t, int64_t V, T inv_t, T beta, T w, T* gs, T* gt) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec zero(T(0));
+  const Vec vinv(inv_t), cs(log_normalizer(s, V, inv_t)), ct(log_normalizer(t, V, inv_t));
+  const Vec gscale(w * inv_t);
+  auto load = [&](const T* x, int64_t i, int64_t count) {
+    return count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
+  };
+  auto put = [&](T* out, int64_t i, int64_t count, const Vec& v) {
+    if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
+  };
+  if (beta == T(0)) {  // KL(q || p)
+    const bool fuse = gs != nullptr && gt == nullptr;  // student gradient needs no L
+    BlockedSum<T> acc;
+    for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
+      const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+      const Vec q = lt.exp();
+      const Vec term = Vec::blendv(q * (lt - ls), zero, q == zero);
+      acc.add(Vec::blendv(zero, term, valid));
+      if (fuse) put(gs, i, count, (ls.exp() - q) * gscale);
+    });
+    const T loss = acc.result();
+    if (gt != nullptr) {
+      const Vec vl(loss);
+      for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
+        const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+        const Vec q = lt.exp();
+        if (gs != nullptr) put(gs, i, count, (ls.exp() - q) * gscale);
+        put(gt, i, count, Vec::blendv(q * (lt - ls - vl), zero, q == zero) * gscale);
+      });
+    }
+    return w * loss;
+  }
+  // Generalized JSD with the mixture m = beta q + (1 - beta) p.
+  const Vec log_b(std::log(beta)), log_1mb(std::log1p(-beta));
+  const Vec neg_inf(-std::numeric_limits<T>::infinity());
+  auto log_mixture = [&](const Vec& ls, const Vec& lt) {
+    const Vec a = lt + log_b, b = ls + log_1mb;
+    const Vec hi = at::vec::maximum(a, b), lo = at::vec::minimum(a, b);
+    return Vec::blendv(hi + (lo - hi).exp().log1p(), hi, hi == neg_inf);
+  };
+  BlockedSum<T> acc_t, acc_s;
+  for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
+    const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+    const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
+    acc_t.add(Vec::blendv(zero, Vec::blendv(q * (lt - lm), zero, q == zero), valid));
+    acc_s.add(Vec::blendv(zero, Vec::blendv(p * (ls - lm), zero, p == zero), valid));
+  });
+  const T kt = acc_t.result(), ks = acc_s.result();
+  if (gs != nullptr || gt != nullptr) {
+    const Vec vks(ks), vkt(kt), cs_grad((T(1) - beta) * w * inv_t), ct_grad(beta * w * inv_t);
+    for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
+      const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+      const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
+      if (gs != nullptr) put(gs, i, count, Vec::blendv(p * (ls - lm - vks), zero, p == zero) * cs_grad);
+      if (gt != nullptr) put(gt, i, count, Vec::blendv(q * (lt - lm - vkt), zero, q == zero) * ct_grad);
+    });
+  }
+  return w * (beta * kt + (T(1) - beta) * ks);
+}
+
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// fp32 rows with AVX2 + FMA, chosen at run time. The extension is compiled for the
+// baseline ISA, where at::vec::Vectorized<float> is a plain array with a scalar exp per
+// lane; these functions alone are compiled for AVX2 (target attribute, so no inline code
+// from the headers is recompiled) and call the Sleef routines libtorch_cpu exports.
+// The Sleef symbols are weak: a torch that stops exporting them leaves them null, and the
+// portable path runs instead of the extension failing to load.
+#include <immintrin.h>
+extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
+extern "C" __m256 Sleef_log1pf8_u10(__m256) __attribute__((weak));
+#define CEX_HAVE_AVX2_ROWS 1
+#define CEX_AVX2 __attribute__((target("avx2,fma")))
+
+// CEX_DISABLE_AVX2=1 forces the portable path (the tests use it to cover both).
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          &Sleef_expf8_u10 != nullptr && &Sleef_log1pf8_u10 != nullptr &&
+                          std::getenv("CEX_DISABLE_AVX2") == nullptr;
+  return has;
+}
+
+// Lanes at or past `count` read -inf: p = q = 0 there, so every term below is 0.
+CEX_AVX2 inline __m256 load8(const float* x, int64_t count) {
+  if (count >= 8) return _mm256_loadu_ps(x);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                          _mm256_maskload_ps(x, live), _mm256_castsi256_ps(live));
+}
+
+CEX_AVX2 inline void store8(float* out, int64_t count, __m256 v) {
+  if (count >= 8) return _mm256_storeu_ps(out, v);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_maskstore_ps(out, live, v);
+}
+
+CEX_AVX2 inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Lane-wise sums flushed into a double every 256 vectors (as BlockedSum).
+struct BlockedSum8 {
+  __m256 acc;
+  double total = 0;
+  int pending = 0;
+  CEX_AVX2 BlockedSum8() : acc(_mm256_setzero_ps()) {}
+  CEX_AVX2 void add(__m256 v) {
+    acc = _mm256_add_ps(acc, v);
+    if (++pending == 256) flush();
+  }
+  CEX_AVX2 void flush() {
+    total += hsum8(acc);
+    acc = _mm256_setzero_ps();
+    pending = 0;
+  }
+  CEX_AVX2 float result() {
+    flush();
+    return static_cast<float>(total);
+  }
+};
+
+CEX_AVX2 inline __m256 zero_where_zero(__m256 p, __m256 v) {  // 0 log 0 = 0
+  return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(p, _mm256_setzero_ps(), _CMP_EQ_OQ));
+}
+
+CEX_AVX2 float avx2_log_normalizer(const float* x, int64_t V, float inv_t) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < V; i += 8) m = _mm256_max_ps(m, load8(x + i, V - i));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  float mx = lanes[0];
+  for (int k = 1; k < 8; ++k) mx = std::max(mx, lanes[k]);
+  const __m256 vmx = _mm256_set1_ps(mx), vinv = _mm256_set1_ps(inv_t);
+  BlockedSum8 sum;
+  for (int64_t i = 0; i < V; i += 8)
+    sum.add(Sleef_expf8_u10(_mm256_mul_ps(_mm256_sub_ps(load8(x + i, V - i), vmx), vinv)));
+  return mx * inv_t + std::log(sum.result());
+}
+
+CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, float inv_t,
+                                   float beta, float w, float* gs, float* gt) {
+  const __m256 vinv = _mm256_set1_ps(inv_t);
+  const __m256 cs = _mm256_set1_ps(avx2_log_normalizer(s, V, inv_t));
+  const __m256 ct = _mm256_set1_ps(avx2_log_normalizer(t, V, inv_t));
+  auto logp = [&](const float* x, __m256 c, int64_t i) CEX_AVX2 {
+    return _mm256_fmsub_ps(load8(x + i, V - i), vinv, c);
+  };
+  if (beta == 0.f) {  // KL(q || p)
+    const bool fuse = gs != nullptr && gt == nullptr;
+    const __m256 gscale = _mm256_set1_ps(w * inv_t);
+    BlockedSum8 acc;
+    for (int64_t i = 0; i < V; i += 8) {
+      const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), q = Sleef_expf8_u10(lt);
+      acc.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
+      if (fuse) store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
+    }
+    const float loss = acc.result();
+    if (gt != nullptr) {
+      const __m256 vl = _mm256_set1_ps(loss);
+      for (int64_t i = 0; i < V; i += 8) {
+        const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), q = Sleef_expf8_u10(lt);
+        if (gs != nullptr)
+          store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
+        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vl);
+        store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), gscale));
+      }
+    }
+    return w * loss;
+  }
+  const __m256 log_b = _mm256_set1_ps(std::log(beta)), log_1mb = _mm256_set1_ps(std::log1p(-beta));
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  auto log_mixture = [&](__m256 ls, __m256 lt) CEX_AVX2 {
+    const __m256 a = _mm256_add_ps(lt, log_b), b = _mm256_add_ps(ls, log_1mb);
+    const __m256 hi = _mm256_max_ps(a, b), lo = _mm256_min_ps(a, b);
+    const __m256 lm = _mm256_add_ps(hi, Sleef_log1pf8_u10(Sleef_expf8_u10(_mm256_sub_ps(lo, hi))));
+    return _mm256_blendv_ps(lm, hi, _mm256_cmp_ps(hi, neg_inf, _CMP_EQ_OQ));
+  };
+  BlockedSum8 acc_t, acc_s;
+  for (int64_t i = 0; i < V; i += 8) {
+    const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), lm = log_mixture(ls, lt);
+    const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+    acc_t.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, lm))));
+    acc_s.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lm))));
+  }
+  const float kt = acc_t.result(), ks = acc_s.result();
+  if (gs != nullptr || gt != nullptr) {
+    const __m256 vks = _mm256_set1_ps(ks), vkt = _mm256_set1_ps(kt);
+    const __m256 s_scale = _mm256_set1_ps((1.f - beta) * w * inv_t);
+    const __m256 t_scale = _mm256_set1_ps(beta * w * inv_t);
+    for (int64_t i = 0; i < V; i += 8) {
+      const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), lm = log_mixture(ls, lt);
+      if (gs != nullptr) {
+        const __m256 p = Sleef_expf8_u10(ls);
+        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lm), vks);
+        store8(gs + i, V - i, _mm256_mul_ps(zero_where_zero(p, _mm256_mul_ps(p, d)), s_scale));
+      }
+      if (gt != nullptr) {
+        const __m256 q = Sleef_expf8_u10(lt);
+        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, lm), vkt);
+        store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), t_scale));
+      }
+    }
+  }
+  return w * (beta * kt + (1.f - beta) * ks);
+}
+#endif  // x86-64 GCC/Clang
+
+template <typename scalar_t, typename acc_t>
+void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
+                     const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
+                     at::Tensor& grad_t, acc_t inv_t, acc_t beta) {
+  constexpr bool widen = !std::is_same<scalar_t, acc_t>::value;
+  const int64_t n_rows = student.size(0), V = student.size(1);
+  const scalar_t* s_base = student.data_ptr<scalar_t>();
+  const scalar_t* t_base = teacher.data_ptr<scalar_t>();
+  const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
+  scalar_t* gs_base = grad_s.numel() ? grad_s.data_ptr<scalar_t>() : nullptr;
+  scalar_t* gt_base = grad_t.numel() ? grad_t.data_ptr<scalar_t>() : nullptr;
+  const acc_t* w = weight.data_ptr<acc_t>();
+  acc_t* loss = row_loss.data_ptr<acc_t>();
+  // About 64k elements of work per task, at least one row.
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1));
+
+  auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
+#ifdef CEX_HAVE_AVX2_ROWS
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, beta, w_r, gs, gt);
+    }
+#endif
+    return divergence_row<acc_t>(s, t, V, inv_t, beta, w_r, gs, gt);
+  };
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(widen ? 4 * V : 0);  // s, t, gs, gt rows in acc_t
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* s = s_base + r * s_stride;
+      const scalar_t* t = t_base + r * t_stride;
+      scalar_t* gs = gs_base ? gs_base + r * V : nullptr;
+      scalar_t* gt = gt_base ? gt_base + r * V : nullptr;
+      if (w[r] == acc_t(0)) {  // dropped row: never read
+        loss[r] = 0;
+        if (gs) std::fill(gs, gs + V, scalar_t(0));
+        if (gt) std::fill(gt, gt + V, scalar_t(0));
+        continue;
+      }
+      if constexpr (widen) {
+        acc_t *sa = buf.data(), *ta = sa + V, *gsa = ta + V, *gta = gsa + V;
+        at::vec::convert(s, sa, V);  // vectorized widening (AVX2/AVX-512 specializations)
+        at::vec::convert(t, ta, V);
+        loss[r] = row(sa, ta, w[r], gs ? gsa : nullptr, gt ? gta : nullptr);
+        if (gs) at::vec::convert(gsa, gs, V);
+        if (gt) at::vec::convert(gta, gt, V);
+      } else {
+        loss[r] = row(s, t, w[r], gs, gt);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    double inv_temperature, double beta, bool grad_student, bool grad_teacher) {
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && row_weight.device().is_cpu(),
+              "cex cpu softmax_kl: all tensors must be on the CPU");
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
+              "cex cpu softmax_kl: expected 2-D student and teacher of one shape, got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == student.size(0),
+              "cex cpu softmax_kl: row_weight must be (N,) = (", student.size(0), ",), got ",
+              row_weight.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "cex cpu softmax_kl: dtypes differ: ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK((student.stride(1) == 1 || student.size(1) <= 1) &&
+                  (teacher.stride(1) == 1 || teacher.size(1) <= 1),
+              "cex cpu softmax_kl: logits need unit stride in their last dimension");
+  TORCH_CHECK(beta >= 0.0 && beta < 1.0, "cex cpu softmax_kl: beta must be in [0, 1), got ", beta);
+
+  const int64_t n_rows = student.size(0);
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor weight = row_weight.to(acc_dtype).contiguous();
+  at::Tensor row_loss = at::zeros({n_rows}, student.options().dtype(acc_dtype));
+  at::Tensor grad_s = grad_student ? at::empty(student.sizes(), student.options())
+                                   : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? at::empty(teacher.sizes(), teacher.options())
+                                   : at::empty({0}, teacher.options());
+  if (n_rows == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "cex_softmax_kl_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    divergence_rows<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
+                                     static_cast<acc_t>(inv_temperature),
+                                     static_cast<acc_t>(beta));
+  });
+  return {row_loss, grad_s, grad_t};
+}
+
+}  // namespace cpu
+}  // namespace cex

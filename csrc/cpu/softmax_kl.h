@@ -1,0 +1,22 @@
+// CPU softmax-KL / generalized-JSD kernel (ATen-level interface; see softmax_kl.cpp).
+#pragma once
+#include <ATen/ATen.h>
+#include <tuple>
+
+namespace cex {
+namespace cpu {
+
+// student, teacher: (N, V) logits of one floating dtype, unit stride in the last dimension.
+// row_weight: (N,) weights w (0 = dropped row, never read). With p = softmax(student * inv_t),
+// q = softmax(teacher * inv_t) and beta in [0, 1):
+//   beta == 0:  L_r = KL(q || p)
+//   otherwise:  L_r = beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p
+// Returns (row_loss (N,) = w * L in float32 (float64 for float64 inputs),
+//          grad_student = w * inv_t * dL/dz_s, grad_teacher = w * inv_t * dL/dz_t)
+// with the gradients in the logits' dtype, each an empty tensor unless asked for.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    double inv_temperature, double beta, bool grad_student, bool grad_teacher);
+
+}  // namespace cpu
+}  // namespace cex

@@ -1,0 +1,31 @@
+// Plain C++ interface of the CUDA softmax-KL / generalized-JSD kernel: raw pointers,
+// explicit row strides and a stream passed as void*, so this header (and the binding that
+// includes it) needs neither torch nor the CUDA headers.
+#pragma once
+#include <cstdint>
+
+#include "projected_mse.h"  // cex::cuda::DType, shared by every CUDA kernel
+
+namespace cex {
+namespace cuda {
+
+// For every row r of the (n_rows, V) logits, with p = softmax(inv_t * student[r]),
+// q = softmax(inv_t * teacher[r]) and beta in [0, 1):
+//   beta == 0:  L = KL(q || p)
+//   otherwise:  L = beta KL(q || m) + (1 - beta) KL(p || m),   m = beta q + (1 - beta) p
+//   row_loss[r]     = w[r] * L                       (fp32; 0 where w[r] == 0)
+//   grad_student[r] = w[r] * inv_t * dL/dz_student   (if grad_student != nullptr)
+//   grad_teacher[r] = w[r] * inv_t * dL/dz_teacher   (if grad_teacher != nullptr)
+// Logits have unit stride along V; *_row_stride is the stride between rows (elements).
+// The gradients are contiguous (row stride V) in the logits' dtype. Rows with w == 0 are
+// not read and get zero gradients. fp32 accumulation. Returns a cudaError_t as int.
+int softmax_kl_fwd(DType dtype,
+                   const void* student, int64_t student_row_stride,
+                   const void* teacher, int64_t teacher_row_stride,
+                   const float* row_weight, float* row_loss,
+                   void* grad_student, void* grad_teacher,
+                   int64_t n_rows, int64_t V, float inv_temperature, float beta,
+                   void* stream);
+
+}  // namespace cuda
+}  // namespace cex

@@ -1,0 +1,268 @@
+"""linear_kl against the float64 eager reference (logits materialized, then the eager KL)."""
+import pytest
+import torch
+
+import cex_kernels
+from cex_kernels import reference
+from conftest import assert_close_to_reference, backend_cases, skip_unsupported
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float64]
+
+
+def make(n=23, hidden=16, vocab=37, t_hidden=12, dtype=torch.float32, device="cpu", seed=0,
+         lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    lead = lead or (n,)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype=dtype, device=device)
+
+    return dict(
+        student_hidden=rnd(*lead, hidden), student_weight=rnd(vocab, hidden, scale=0.5),
+        student_bias=rnd(vocab, scale=0.1), teacher_logits=rnd(*lead, vocab, scale=2.0),
+        teacher_hidden=rnd(*lead, t_hidden), teacher_weight=rnd(vocab, t_hidden, scale=0.5),
+        teacher_bias=rnd(vocab, scale=0.1),
+        labels=torch.randint(0, vocab, lead, generator=gen).to(device),
+        mask=(torch.rand(lead, generator=gen) > 0.25).to(device))
+
+
+CASES = [
+    # (teacher given as, bias, mask, labels-with-ignore, hard-label weight, direction, beta, T)
+    ("logits", False, False, False, 0.0, "forward", None, 1.0),
+    ("logits", True, True, False, 0.0, "reverse", None, 2.0),
+    ("hidden", True, False, True, 0.0, "forward", None, 1.0),
+    ("hidden", False, True, True, 0.5, "forward", None, 1.5),
+    ("logits", True, False, True, 1.0, "forward", 0.5, 1.0),
+    ("hidden", True, True, False, 0.0, "forward", 0.3, 3.0),
+]
+
+
+def _call(fn, inputs, case, reduction, **kw):
+    teacher, bias, use_mask, use_labels, hard, direction, beta, temperature = case
+    labels = inputs["labels"].clone()
+    if use_labels:
+        labels[::4] = -100
+    args = dict(temperature=temperature, reduction=reduction,
+                mask=inputs["mask"] if use_mask else None,
+                labels=labels if (use_labels or hard) else None, hard_label_weight=hard)
+    if beta is not None:
+        args["beta"] = beta
+    else:
+        args["direction"] = direction
+    if bias:
+        args["student_bias"] = inputs["student_bias"]
+    if teacher == "logits":
+        return fn(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_logits"],
+                  **args, **kw)
+    return fn(inputs["student_hidden"], inputs["student_weight"],
+              teacher_hidden=inputs["teacher_hidden"], teacher_weight=inputs["teacher_weight"],
+              teacher_bias=inputs["teacher_bias"] if bias else None, **args, **kw)
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_loss_and_gradients_match_reference(device, backend, dtype, reduction, case):
+    skip_unsupported(device, backend, dtype)
+    inputs = make(dtype=dtype, device=device)
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        inputs[name].requires_grad_()
+    # chunk_bytes small enough for several chunks, one of them partial (23 rows)
+    loss = _call(cex_kernels.linear_kl, inputs, case, reduction, backend=backend,
+                 chunk_bytes=7 * 37 * 16)
+    ref_inputs = {k: (v.detach().double().cpu().requires_grad_(v.requires_grad)
+                      if v.dtype.is_floating_point else v.cpu()) for k, v in inputs.items()}
+    expected = _call(reference.linear_kl, ref_inputs, case, reduction)
+    assert loss.dtype == dtype and loss.shape == expected.shape
+    assert_close_to_reference(loss, expected, dtype, f"{backend} loss")
+
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64)
+    names = ["student_hidden", "student_weight"] + (["student_bias"] if case[1] else [])
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names], upstream.to(dtype=dtype, device=device))
+    ref_grads = torch.autograd.grad(expected, [ref_inputs[n] for n in names], upstream)
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert_close_to_reference(g, rg, dtype, f"{backend} grad of {name}")
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+def test_gradcheck_float64(reduction):
+    inputs = make(n=5, hidden=4, vocab=7, t_hidden=3, dtype=torch.float64)
+    h, w, b = (inputs[k].requires_grad_() for k in ("student_hidden", "student_weight", "student_bias"))
+    t = inputs["teacher_logits"]
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: cex_kernels.linear_kl(h, w, t, student_bias=b, temperature=1.7,
+                                              reduction=reduction, hard_label_weight=0.3,
+                                              labels=inputs["labels"], backend="cpu",
+                                              chunk_bytes=2 * 7 * 32),
+        (h, w, b))
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_opcheck(device, backend):
+    inputs = make(n=9, device=device)
+    h = inputs["student_hidden"].requires_grad_()
+    kd = torch.full((9,), 1 / 9, device=device)
+    for reduction in ("batchmean", "none"):
+        args = (h, inputs["student_weight"], inputs["student_bias"], inputs["teacher_logits"],
+                None, None, None, kd, None, None, 2.0, 0.0, reduction, backend, 4, "chunked",
+                True)
+        torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    inputs = make(n=12)
+    h = inputs["student_hidden"].requires_grad_()
+
+    def step(h, w, t):
+        return cex_kernels.linear_kl(h, w, t, temperature=2.0, chunk_bytes=5 * 37 * 16)
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(h, inputs["student_weight"],
+                                                                    inputs["teacher_logits"])
+    (grad,) = torch.autograd.grad(loss, h)
+    ref_h = h.detach().double().requires_grad_()
+    ref = reference.linear_kl(ref_h, inputs["student_weight"].double(),
+                              inputs["teacher_logits"].double(), temperature=2.0)
+    (ref_grad,) = torch.autograd.grad(ref, ref_h)
+    assert_close_to_reference(loss, ref, torch.float32, "compiled loss")
+    assert_close_to_reference(grad, ref_grad, torch.float32, "compiled grad")
+
+
+def test_leading_dims_and_all_rows_dropped():
+    inputs = make(lead=(2, 5))
+    h = inputs["student_hidden"].requires_grad_()
+    rows = cex_kernels.linear_kl(h, inputs["student_weight"], inputs["teacher_logits"], reduction="none")
+    assert rows.shape == (2, 5)
+    none_kept = torch.zeros(2, 5, dtype=torch.bool)
+    loss = cex_kernels.linear_kl(h, inputs["student_weight"], inputs["teacher_logits"], mask=none_kept)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.count_nonzero(h.grad) == 0
+
+
+def test_bad_input_errors_name_shapes():
+    inputs = make()
+    h, w, t = inputs["student_hidden"], inputs["student_weight"], inputs["teacher_logits"]
+    with pytest.raises(ValueError, match=r"\(37, 16\)"):
+        cex_kernels.linear_kl(h[:, :15], w, t)
+    with pytest.raises(ValueError, match=r"teacher_logits must be \(23, 37\)"):
+        cex_kernels.linear_kl(h, w, t[:, :30])
+    with pytest.raises(ValueError, match="not both"):
+        cex_kernels.linear_kl(h, w, t, teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"])
+    with pytest.raises(ValueError, match="teacher_weight must be"):
+        cex_kernels.linear_kl(h, w, teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"][:5])
+    with pytest.raises(ValueError, match="needs labels"):
+        cex_kernels.linear_kl(h, w, t, hard_label_weight=0.5)
+    bad_labels = inputs["labels"].clone()
+    bad_labels[3] = 37
+    with pytest.raises(ValueError, match=r"\[0, 37\)"):
+        cex_kernels.linear_kl(h, w, t, labels=bad_labels, hard_label_weight=0.5)
+    with pytest.raises(ValueError, match="temperature"):
+        cex_kernels.linear_kl(h, w, t, temperature=0.0)
+    with pytest.raises(TypeError, match="bfloat16"):
+        cex_kernels.linear_kl(h, w.bfloat16(), t)
+    with pytest.raises(ValueError, match="not both"):
+        cex_kernels.linear_kl(h, w, t, direction="reverse", beta=0.5)
+
+
+def test_memory_is_bounded_by_the_chunk():
+    """Peak extra memory follows chunk_bytes, not N: the (N, V) logits never exist."""
+    from cex_kernels.bench_utils import peak_extra_memory
+    n, hidden, vocab = 512, 32, 4096
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, hidden, generator=gen, requires_grad=True)
+    w = torch.randn(vocab, hidden, generator=gen, requires_grad=True)
+    t = torch.randn(n, vocab, generator=gen)
+    logits_bytes = n * vocab * 4
+
+    def step():
+        cex_kernels.linear_kl(h, w, t, backend="cpu", chunk_bytes=1 << 20).backward()
+        h.grad = w.grad = None
+
+    peak = peak_extra_memory(step, "cpu")
+    grads = (n * hidden + vocab * hidden) * 4
+    assert peak < grads + logits_bytes / 4, (peak, logits_bytes)
+
+
+def test_module_front_end():
+    inputs = make()
+    loss_fn = cex_kernels.LinearKLLoss(temperature=2.0, hard_label_weight=0.25)
+    got = loss_fn(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_logits"],
+                  labels=inputs["labels"])
+    want = cex_kernels.linear_kl(inputs["student_hidden"], inputs["student_weight"],
+                                 inputs["teacher_logits"], temperature=2.0,
+                                 hard_label_weight=0.25, labels=inputs["labels"])
+    torch.testing.assert_close(got, want)
+    assert "hard_label_weight=0.25" in repr(loss_fn)
+
+
+TILED_CASES = [c for c in CASES if c[0] == "logits" and c[6] is None] + [
+    ("logits", True, True, True, 0.7, "reverse", None, 1.3),
+    ("logits", False, False, False, 0.0, "forward", 1.0, 0.8),  # beta=1: reverse KL
+]
+
+
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[1] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("case", TILED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_tiled_algorithm_matches_reference(device, backend, dtype, reduction, case):
+    skip_unsupported(device, backend, dtype)
+    inputs = make(n=37, vocab=70, dtype=dtype, device=device)  # tails in rows and vocabulary
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        inputs[name].requires_grad_()
+    loss = _call(cex_kernels.linear_kl, inputs, case, reduction, backend=backend,
+                 algorithm="tiled")
+    ref_inputs = {k: (v.detach().double().cpu().requires_grad_(v.requires_grad)
+                      if v.dtype.is_floating_point else v.cpu()) for k, v in inputs.items()}
+    expected = _call(reference.linear_kl, ref_inputs, case, reduction)
+    assert_close_to_reference(loss, expected, dtype, "tiled loss")
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64)
+    names = ["student_hidden", "student_weight"] + (["student_bias"] if case[1] else [])
+    grads = torch.autograd.grad(loss, [inputs[n] for n in names],
+                                upstream.to(dtype=dtype, device=device))
+    ref_grads = torch.autograd.grad(expected, [ref_inputs[n] for n in names], upstream)
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert_close_to_reference(g, rg, dtype, f"tiled grad of {name}")
+
+
+@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[1] == "triton"])
+def test_tiled_infinite_teacher_logits(device, backend):
+    """-inf teacher logits (a masked vocabulary) are legal: 0 log 0 = 0."""
+    inputs = make(n=5, vocab=40, device=device)
+    t = inputs["teacher_logits"].clone()
+    t[:, 30:] = float("-inf")
+    h = inputs["student_hidden"].requires_grad_()
+    loss = cex_kernels.linear_kl(h, inputs["student_weight"], t, backend=backend, algorithm="tiled")
+    ref_h = h.detach().double().cpu().requires_grad_()
+    ref = reference.linear_kl(ref_h, inputs["student_weight"].double().cpu(), t.double().cpu())
+    assert torch.isfinite(loss)
+    assert_close_to_reference(loss, ref, torch.float32, "tiled -inf loss")
+    loss.backward()
+    ref.backward()
+    assert_close_to_reference(h.grad, ref_h.grad, torch.float32, "tiled -inf grad")
+
+
+def test_tiled_algorithm_refuses_what_it_does_not_do():
+    inputs = make()
+    h, w = inputs["student_hidden"], inputs["student_weight"]
+    with pytest.raises(ValueError, match="backend='triton'"):
+        cex_kernels.linear_kl(h, w, inputs["teacher_logits"], backend="cpu", algorithm="tiled")
+    if not any(c.values[1] == "triton" for c in backend_cases()):
+        return
+    device = [c.values[0] for c in backend_cases() if c.values[1] == "triton"][0]
+    inputs = make(device=device)
+    with pytest.raises(ValueError, match="JSD"):
+        cex_kernels.linear_kl(inputs["student_hidden"], inputs["student_weight"],
+                              inputs["teacher_logits"], beta=0.5, backend="triton",
+                              algorithm="tiled")
+    with pytest.raises(ValueError, match="teacher_logits"):
+        cex_kernels.linear_kl(inputs["student_hidden"], inputs["student_weight"],
+                              teacher_hidden=inputs["teacher_hidden"],
+                              teacher_weight=inputs["teacher_weight"], backend="triton",
+                              algorithm="tiled")
