@@ -4,7 +4,8 @@
 # leave logs, JSON and Markdown under $OUT (the device tool brings that folder back).
 #
 #   device run:  bash bench/gpu.sh            (from the repository root)
-#   options:     GPU_SH_SKIP_TESTS=1, GPU_SH_SKIP_BENCH=1, GPU_SH_QUICK=1 (smoke benchmark)
+#   options:     GPU_SH_SKIP_TESTS=1, GPU_SH_SKIP_BENCH=1, GPU_SH_QUICK=1 (smoke benchmark),
+#                GPU_SH_OPS=softmax_kl (one op; default all)
 #
 # The machine's python3 already has CUDA torch, Triton, pytest, pytest-benchmark and
 # hypothesis; nothing is installed. The extension is built in place (no pip), so the
@@ -43,7 +44,10 @@ fi
 if [ "${GPU_SH_SKIP_BENCH:-0}" != 1 ]; then
     echo "== benchmarks (autotuned)"
     quick=(); [ "${GPU_SH_QUICK:-0}" = 1 ] && quick=(--quick)
-    $PY -m cex_kernels.cli bench --device cuda "${quick[@]}" --json "$OUT/$NAME-$DATE.json" \
-        --md "$OUT/$NAME-$DATE.md" 2>&1 | tee "$OUT/bench.log" | grep -v '^USDT' | tail -n 60
+    # GPU_SH_OPS: one op (projected_mse, softmax_kl, linear_kl) or all (one JSON/MD per op,
+    # named <device>-<date>-<op>); plots when matplotlib imports.
+    $PY -m cex_kernels.cli bench --device cuda --op "${GPU_SH_OPS:-all}" "${quick[@]}" \
+        --json "$OUT/$NAME-$DATE-{op}.json" --md "$OUT/$NAME-$DATE-{op}.md" --plot "$OUT/plots" \
+        2>&1 | tee "$OUT/bench.log" | grep -v '^USDT' | tail -n 150
 fi
 exit "$status"

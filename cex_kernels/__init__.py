@@ -4,12 +4,27 @@ Public API:
     projected_mse(student, teacher, projection, *, reduction="mean", backend="auto")
     random_projection(d_in, d_out, *, seed, kind="gaussian", dtype, device)
     ProjectedMSELoss(d_teacher, d_student, *, seed=0, kind="gaussian", learnable=False)
+    softmax_kl(student_logits, teacher_logits, *, temperature=1.0, direction="forward", ...)
+    jsd(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, ...)
+    DistillKLLoss(*, temperature=1.0, direction="forward", beta=None, ...)
+    linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, ...)
+    LinearKLLoss(*, temperature=1.0, direction="forward", hard_label_weight=0.0, ...)
     backends()  -> {"triton": bool, "cuda": bool, "cpu": bool, "reference": True}
+
+Training (``cex_kernels.distill``): CurriculumExtraction, OneShotDistillation,
+ProgressiveDistillation, Trainer, TrainConfig.
 """
 from cex_kernels._backends import backends
-from cex_kernels.losses import ProjectedMSELoss
+from cex_kernels.distill import (CurriculumExtraction, OneShotDistillation,
+                                 ProgressiveDistillation, TrainConfig, Trainer)
+from cex_kernels.losses import DistillKLLoss, LinearKLLoss, ProjectedMSELoss
+from cex_kernels.ops.linear_kl import linear_kl
 from cex_kernels.ops.projected_mse import projected_mse
+from cex_kernels.ops.softmax_kl import jsd, softmax_kl
 from cex_kernels.projection import random_projection
 
 __version__ = "0.1.0"
-__all__ = ["projected_mse", "random_projection", "ProjectedMSELoss", "backends"]
+__all__ = ["projected_mse", "random_projection", "ProjectedMSELoss", "backends",
+           "softmax_kl", "jsd", "DistillKLLoss", "linear_kl", "LinearKLLoss",
+           "CurriculumExtraction", "OneShotDistillation", "ProgressiveDistillation", "Trainer",
+           "TrainConfig"]

@@ -1,41 +1,80 @@
 """The ``cex`` command: benchmarks, backend listing and the Triton ahead-of-time check.
 
-    cex bench [--quick] [--op projected_mse] [--device cpu|cuda] [--json PATH] [--md PATH]
+    cex bench [--quick] [--op projected_mse|softmax_kl|linear_kl|all] [--device cpu|cuda]
+              [--json PATH] [--md PATH] [--plot DIR]
     cex backends
     cex aot [--arch 80 90] [--json PATH]      (= python -m cex_kernels.triton.aot)
+    cex distill --config run.json|run.yaml   (curriculum extraction and baselines)
+    cex demo [--quick] [--out DIR] [--device cpu|cuda]   (sparse parity + a short benchmark)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _op_path(path: Optional[str], op: str, several: bool) -> Optional[str]:
+    """``{op}`` in a path is the op's name; with several ops and no ``{op}``, ``-<op>`` is
+    inserted before the extension (one file per op)."""
+    if not path:
+        return path
+    if "{op}" in path:
+        return path.replace("{op}", op)
+    if several:
+        stem, ext = os.path.splitext(path)
+        return f"{stem}-{op}{ext}"
+    return path
+
+
 def _bench(args) -> int:
     import torch
 
-    from cex_kernels import bench_specs
+    from cex_kernels import bench_plot, bench_specs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("cex bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
+    ops = sorted(bench_specs.OPS) if args.op == "all" else [args.op]
+    several = len(ops) > 1
+    if args.impl:
+        unknown = sorted(set(args.impl) - {i for op in ops for i in bench_specs.OPS[op].impls})
+        if unknown:
+            print(f"cex bench: unknown implementation(s) {unknown} for {', '.join(ops)}",
+                  file=sys.stderr)
+            return 2
+    if args.plot and not bench_plot.available():
+        print("cex bench: --plot needs matplotlib, which does not import here "
+              "(`pip install matplotlib`); no plots will be written", file=sys.stderr)
     dtypes = [getattr(torch, d) for d in args.dtype] if args.dtype else None
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.silent else None
-    try:
-        report = bench_specs.run_report(args.op, args.device, quick=args.quick, dtypes=dtypes,
-                                        impls=args.impl, warmup=args.warmup,
-                                        repeats=args.repeats, log=log)
-    except ValueError as exc:
-        print(f"cex bench: {exc}", file=sys.stderr)
-        return 2
-    print(bench_specs.write_report(report, args.json, args.md))
-    failed = [r for r in report["rows"] if "error" in r]
+    failed = []
+    for op in ops:
+        impls = args.impl
+        if impls and several:  # with --op all, each op runs those of the impls it has
+            impls = [i for i in impls if i in bench_specs.OPS[op].impls]
+            if not impls:
+                continue
+        try:
+            report = bench_specs.run_report(op, args.device, quick=args.quick, dtypes=dtypes,
+                                            impls=impls, warmup=args.warmup,
+                                            repeats=args.repeats, log=log)
+        except ValueError as exc:
+            print(f"cex bench: {exc}", file=sys.stderr)
+            return 2
+        print(bench_specs.write_report(report, _op_path(args.json, op, several),
+                                       _op_path(args.md, op, several)))
+        if args.plot and bench_plot.available():
+            for path in bench_plot.plot_report(report, args.plot):
+                print(f"cex bench: wrote {path}", file=sys.stderr)
+        failed += [r for r in report["rows"] if "error" in r]
     for r in failed:
-        print(f"cex bench: {r['impl']} {r['shape']} {r['dtype']} {r['mode']} failed: "
-              f"{r['error']}", file=sys.stderr)
+        print(f"cex bench: {r['op']} {r['impl']} {r['shape']} {r.get('variant', '')} "
+              f"{r['dtype']} {r['mode']} failed: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -50,6 +89,49 @@ def _backends(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    import logging
+
+    import torch.distributed as dist
+
+    from cex_kernels.distill.config import run_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        result = run_config(args.config)
+    except (ValueError, FileNotFoundError) as exc:  # config, layer-map, shape, budget errors
+        print(f"cex distill: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():  # started by the trainer under torchrun
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    print(json.dumps({"global_step": result.global_step, "stopped_early": result.stopped_early,
+                      "phase_flops": result.phase_flops,
+                      "final": result.records[-1] if result.records else None}))
+    return 0
+
+
+def _demo(args) -> int:
+    import torch
+
+    from cex_kernels.experiments.demo import run_demo
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("cex demo: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.silent else None
+    result = run_demo(args.out, quick=args.quick, device=args.device, log=log)
+    print(result["table"])
+    secs = result["seconds"]
+    print(f"cex demo: {secs['total']:.0f}s (sparse parity {secs['sparse_parity']:.0f}s, "
+          f"benchmark {secs['bench']:.0f}s); wrote {result['json']}"
+          + (f" and {result['plot']}" if result["plot"] else " (no plot: matplotlib missing)"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cex_kernels.bench_specs import OPS
 
@@ -60,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="benchmark an op against eager PyTorch and torch.compile",
         description="Time every available implementation of an op over its shape grid "
-                    "(forward, and forward + backward), with FLOP/s, the fraction of the "
-                    "measured peak GEMM rate, peak extra memory and the speedup over eager; "
-                    "prints a Markdown table.")
-    bench.add_argument("--op", default="projected_mse", choices=sorted(OPS),
-                       help="the op to benchmark (default: %(default)s)")
+                    "(forward, and forward + backward), with FLOP/s or GB/s and their "
+                    "fraction of the measured peak GEMM rate or copy bandwidth, peak extra "
+                    "memory and the ratios to eager; prints a Markdown table per op.")
+    bench.add_argument("--op", default="projected_mse", choices=sorted(OPS) + ["all"],
+                       help="the op to benchmark, or all of them (default: %(default)s)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default=None,
                        help="default: cuda if available, else cpu")
     bench.add_argument("--quick", action="store_true",
@@ -73,11 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype(s) to run instead of the device's default (repeatable)")
     bench.add_argument("--impl", action="append",
                        help="only these implementations (repeatable), e.g. cpu, eager, "
-                            "torch.compile, triton, cuda, reference")
+                            "torch.compile, triton, cuda, reference, liger, cpu/64MiB")
     bench.add_argument("--warmup", type=int, help="untimed calls per cell (at least 1)")
     bench.add_argument("--repeats", type=int, help="timed calls per cell")
-    bench.add_argument("--json", metavar="PATH", help="write every raw figure + environment")
-    bench.add_argument("--md", metavar="PATH", help="write the Markdown table")
+    bench.add_argument("--json", metavar="PATH",
+                       help="write every raw figure + environment; with --op all, one file "
+                            "per op ('{op}' in PATH is the op's name, else -<op> is added)")
+    bench.add_argument("--md", metavar="PATH", help="write the Markdown table(s)")
+    bench.add_argument("--plot", metavar="DIR",
+                       help="write PNG plots (time and peak memory vs size, a line per "
+                            "implementation) per op/dtype/mode; needs matplotlib")
     bench.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     bench.set_defaults(func=_bench)
 
@@ -85,6 +172,31 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print cex_kernels.backends().")
     back.add_argument("--json", action="store_true", help="print one JSON object")
     back.set_defaults(func=_backends)
+
+    distill = sub.add_parser("distill", help="run a distillation (curriculum extraction, "
+                             "one-shot or progressive) described by a config file",
+                             description="Train a student from a JSON (or, with PyYAML, YAML) "
+                                         "config; see cex_kernels/distill/config.py.")
+    distill.add_argument("--config", required=True, metavar="PATH", help="run.json or run.yaml")
+    distill.set_defaults(func=_distill)
+
+    demo = sub.add_parser(
+        "demo", help="curriculum extraction vs one-shot on sparse parity, and a short "
+                     "benchmark of the fused ops, on this device",
+        description="Train a sparse-parity teacher, then students with labels alone, one-shot, "
+                    "progressive distillation and curriculum extraction under one sample "
+                    "budget (see cex_kernels/experiments/sparse_parity.py); benchmark the "
+                    "fused ops (quick grid); print one summary table and write "
+                    "cex-demo.json and cex-demo.png.")
+    demo.add_argument("--out", default=".", metavar="DIR",
+                      help="where cex-demo.json and cex-demo.png go (default: %(default)s)")
+    demo.add_argument("--quick", action="store_true",
+                      help="about a minute on 2 CPU cores: benchmark projected_mse only, "
+                           "without torch.compile")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                      help="default: cuda if available, else cpu")
+    demo.add_argument("--silent", action="store_true", help="no progress lines on stderr")
+    demo.set_defaults(func=_demo)
 
     aot = sub.add_parser("aot", help="compile the Triton kernels for sm_80/sm_90, no GPU needed",
                          description="Forwards its arguments to python -m cex_kernels.triton.aot "

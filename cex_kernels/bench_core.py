@@ -1,0 +1,171 @@
+"""The benchmark framework's building blocks: a grid cell (:class:`Case`), an op's benchmark
+description (:class:`OpSpec`), repeat counts, ``torch.compile`` caching and roofline rates.
+
+The op grids built from these live in ``bench_ops_*.py``; :mod:`cex_kernels.bench_specs`
+collects them into ``OPS`` and runs the report. Measurement is in
+:mod:`cex_kernels.bench_utils`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+MODES = ("fwd", "fwd+bwd")
+
+# Markdown columns an OpSpec can ask for (see bench_specs.report_markdown), in its order.
+METRICS = ("flops", "gemm_fraction", "bandwidth", "bandwidth_fraction", "peak_memory",
+           "memory_vs_eager", "speedup")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark cell's problem: an op on one shape, dtype, mode (and input variant)."""
+    op: str
+    shape: Tuple[Tuple[str, int], ...]  # named sizes, e.g. (("N", 8192), ("d_t", 1024), ...)
+    dtype: torch.dtype
+    mode: str  # "fwd": no input needs a gradient; "fwd+bwd": forward + backward
+    variant: str = ""  # how the inputs are given, e.g. linear_kl's "teacher_hidden"
+
+    @property
+    def sizes(self) -> dict:
+        return dict(self.shape)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def __str__(self) -> str:  # also the pytest id
+        variant = f"-{self.variant}" if self.variant else ""
+        return ("-".join(f"{k}{v}" for k, v in self.shape)
+                + f"{variant}-{self.dtype_name}-{self.mode}")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """How to benchmark one op: its grid, implementations, FLOPs/bytes and a timed step.
+
+    ``skip_reason(impl, device)`` says why an implementation cannot run on a device (None:
+    it runs); ``case_skip_reason(impl, case)`` the same for one cell (e.g. an impl that
+    needs the teacher as hidden states). ``repeats``: (warm-up, timed calls) per device
+    type for the full grid, where the default of :func:`default_repeats` is too slow.
+    ``roofline``: "gemm" (compare with the measured peak GEMM rate) or "bandwidth"
+    (memory-bound: compare with the measured copy bandwidth only). ``metrics``: the
+    Markdown columns after the time (names in :data:`METRICS`). ``notes``: how FLOPs and
+    bytes are counted, printed under the table.
+    """
+    name: str
+    shapes: Dict[str, List[dict]]  # device type -> named sizes
+    dtypes: Dict[str, Tuple[torch.dtype, ...]]
+    impls: Tuple[str, ...]
+    skip_reason: Callable[[str, torch.device], Optional[str]]
+    make_inputs: Callable[[Case, torch.device], dict]
+    make_step: Callable[[str, Case, dict], Callable[[], object]]
+    flops: Callable[[Case], int]
+    min_bytes: Callable[[Case], int]
+    variants: Optional[Dict[str, Tuple[str, ...]]] = None  # device type -> variants
+    case_skip_reason: Optional[Callable[[str, Case], Optional[str]]] = None
+    repeats: Optional[Dict[str, Tuple[int, int]]] = None
+    roofline: str = "gemm"
+    metrics: Tuple[str, ...] = ("flops", "gemm_fraction", "peak_memory", "speedup")
+    notes: str = ""
+
+    def cases(self, device, *, quick: bool = False,
+              dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Case]:
+        """The grid for ``device``; ``quick``: the smallest shape, first dtype and variant."""
+        kind = torch.device(device).type
+        shapes = list(self.shapes[kind])
+        dts = tuple(dtypes) if dtypes else self.dtypes[kind]
+        variants = tuple((self.variants or {}).get(kind, ("",)))
+        if quick:
+            shapes = [min(shapes, key=lambda s: math.prod(s.values()))]
+            dts, variants = dts[:1], variants[:1]
+        return [Case(self.name, tuple(s.items()), dt, mode, variant)
+                for s in shapes for variant in variants for dt in dts for mode in MODES]
+
+    def cell_skip_reason(self, impl: str, case: Case, device) -> Optional[str]:
+        """Why ``impl`` does not run this cell on ``device`` (None: it runs)."""
+        reason = self.skip_reason(impl, torch.device(device))
+        if reason is None and self.case_skip_reason is not None:
+            reason = self.case_skip_reason(impl, case)
+        return reason
+
+
+def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why one of our backends cannot be benchmarked on ``device`` (None: it can)."""
+    from cex_kernels import backends
+    if not backends()[backend]:
+        return f"backend {backend!r} is not available in this install"
+    if backend == "cpu" and device.type != "cpu":
+        return "backend 'cpu' runs on CPU tensors only"
+    if backend in ("cuda", "triton") and device.type != "cuda":
+        return f"backend {backend!r} needs a CUDA device (the Triton interpreter is no benchmark)"
+    return None
+
+
+def clear_grads(inputs: dict) -> None:
+    """``.grad = None`` on every input that requires grad, so the next call allocates it."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.grad = None
+
+
+_COMPILED = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn, dynamic=False)``, built once per function.
+
+    Every grid cell is a new shape/dtype/grad signature, so the recompile limit is raised
+    (each cell compiles once, in the warm-up, and is then timed on its own specialization).
+    """
+    if fn not in _COMPILED:
+        import torch._dynamo.config as dynamo_config
+        for key in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, key):
+                setattr(dynamo_config, key, max(getattr(dynamo_config, key), 64))
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def default_repeats(device, *, quick: bool = False,
+                    spec: Optional[OpSpec] = None) -> Tuple[int, int]:
+    """(warmup, repeats). Warm-up >= 1 always: torch.compile compiles in the first call.
+
+    ``spec.repeats`` overrides the full-grid default for its device type (ops whose cells
+    take seconds on the CPU); ``quick`` always uses the small default.
+    """
+    kind = torch.device(device).type
+    if not quick and spec is not None and spec.repeats and kind in spec.repeats:
+        return spec.repeats[kind]
+    if kind == "cuda":
+        return (3, 10) if quick else (10, 50)
+    return (1, 3) if quick else (3, 15)
+
+
+def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: str) -> dict:
+    """Achieved FLOP/s and bytes/s, and their fractions of the measured peaks (roofline)."""
+    out = {"flops_per_s": flops / seconds, "min_bytes_per_s": min_bytes / seconds}
+    gemm = peaks.get(f"gemm_flops_per_s_{dtype_name}")
+    bw = peaks.get("copy_bytes_per_s")
+    if gemm:
+        out["gemm_peak_fraction"] = out["flops_per_s"] / gemm
+    if bw:
+        out["bandwidth_fraction"] = out["min_bytes_per_s"] / bw
+    if gemm and bw:  # roofline: min(compute peak, intensity * bandwidth)
+        bound = min(gemm, flops / max(min_bytes, 1) * bw)
+        out["roofline_bound_flops_per_s"] = bound
+        out["roofline_fraction"] = out["flops_per_s"] / bound
+    elif bw and not gemm:  # memory-bound op measured against the copy bandwidth only
+        out["roofline_fraction"] = out["bandwidth_fraction"]
+    return out
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+__all__ = ["Case", "OpSpec", "MODES", "METRICS", "backend_skip_reason", "clear_grads",
+           "compiled", "default_repeats", "rates", "itemsize"]

@@ -1,0 +1,55 @@
+"""DDP on 2 CPU processes (gloo) ends where the single-process run does, within tolerance."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig
+from cex_kernels.distill.registry import MLP, sparse_parity
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def train(out_dir=None):
+    torch.manual_seed(0)
+    teacher, student = MLP(8, [32, 32], 2), MLP(8, [6, 6], 2)
+    method = CurriculumExtraction(teacher, student, {"blocks.0": "blocks.0", "blocks.1": "blocks.1"},
+                                  hidden_budget=3, final_budget=4, temperature=2.0,
+                                  hard_label_weight=0.2)
+    cfg = TrainConfig(batch_size=16, grad_accum_steps=2, seed=5, out_dir=out_dir,
+                      progress_bar=False, print_schedule=False, tensorboard=False)
+    result = Trainer(method, sparse_parity(n=128, d=8, k=2), cfg).fit()
+    return student, result
+
+
+def _worker(rank, world, port, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        student, result = train()
+        if rank == 0:
+            torch.save({"params": student.state_dict(), "flops": result.phase_flops}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_matches_single_process(tmp_path):
+    out_file = str(tmp_path / "ddp.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out_file), nprocs=2, join=True)
+    ddp = torch.load(out_file)
+    single, result = train()
+    for name, p in single.state_dict().items():
+        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
+    # Each rank did half of the single process's work.
+    assert [2 * f for f in ddp["flops"]] == result.phase_flops

@@ -1,0 +1,159 @@
+"""The paper's recipes (python/) and ``cex demo``, each at a tiny setting (seconds): they run,
+write JSON with the fields their docs promise, and a PNG plot (when matplotlib imports)."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "python"))
+
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+def check_outputs(result, json_path, png_path):
+    assert os.path.exists(json_path)
+    with open(json_path) as f:
+        data = json.load(f)
+    if HAS_MPL:
+        assert result["plot"] == png_path and os.path.getsize(png_path) > 1000
+        with open(png_path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert result["plot"] is None
+    return data
+
+
+def check_curve(curve, metric):
+    assert curve, "empty curve"
+    steps = [p["step"] for p in curve]
+    assert steps == sorted(steps) and steps[0] > 0
+    for p in curve:
+        assert {"step", "samples", "flops", metric} <= set(p)
+        assert p[metric] == p[metric]  # not NaN
+    assert curve[-1]["flops"] > 0
+
+
+def test_sparse_parity_recipe(tmp_path):
+    import sparse_parity
+    js, png = str(tmp_path / "sp.json"), str(tmp_path / "sp.png")
+    result = sparse_parity.main(["--d", "10", "--k", "2", "--teacher-width", "64",
+                                 "--student-width", "16", "--samples", "2048",
+                                 "--teacher-samples", "12800", "--batch-size", "64",
+                                 "--eval-every", "8", "--device", "cpu", "--quiet",
+                                 "--json", js, "--plot", png])
+    data = check_outputs(result, js, png)
+    run = data["runs"][0]
+    assert set(run["students"]) == {"labels", "one_shot", "progressive", "curriculum_extraction"}
+    assert {"d", "k", "teacher_width", "student_width", "samples", "seed"} <= set(run["config"])
+    assert 0.0 <= run["teacher"]["test_acc"] <= 1.0
+    for name, s in run["students"].items():
+        check_curve(s["curve"], "test_acc")
+        assert 0.0 <= s["final_test_acc"] <= 1.0
+        assert s["samples"] >= 2048 and s["flops"] > 0  # every method gets the same budget
+    ce = run["students"]["curriculum_extraction"]
+    assert [p["name"].split(":")[0] for p in ce["phases"]] == ["layer 1", "logits"]
+    assert len(data["table"]) == 4 and "environment" in data
+
+
+def test_sparse_parity_paper_flag_builds_the_papers_config():
+    import sparse_parity
+    args = sparse_parity.build_parser().parse_args(["--paper", "--device", "cpu"])
+    cfg = sparse_parity.config_from_args(args, seed=0)
+    assert (cfg.d, cfg.k, cfg.samples) == (100, 6, 2_000_000)
+    args = sparse_parity.build_parser().parse_args(["--paper", "--samples", "10", "--device", "cpu"])
+    assert sparse_parity.config_from_args(args, seed=0).samples == 10
+
+
+def test_transformer_parity_recipe(tmp_path):
+    import transformer_parity
+    js, png = str(tmp_path / "tp.json"), str(tmp_path / "tp.png")
+    result = transformer_parity.main(
+        ["--d", "6", "--k", "2", "--teacher-width", "16", "--teacher-depth", "2",
+         "--student-width", "8", "--student-depth", "2", "--heads", "2",
+         "--teacher-samples", "1600", "--samples", "640", "--batch-size", "32",
+         "--eval-every", "5", "--test-size", "256", "--device", "cpu", "--quiet",
+         "--json", js, "--plot", png])
+    data = check_outputs(result, js, png)
+    assert set(data["students"]) == {"labels", "one_shot", "curriculum_extraction"}
+    for s in data["students"].values():
+        check_curve(s["curve"], "test_acc")
+        assert "samples_to_0.9" in s and "flops_to_0.9" in s
+    phases = [p["name"] for p in data["students"]["curriculum_extraction"]["phases"]]
+    assert phases[:2] == ["layer 1: blocks.0 <- blocks.0", "layer 2: blocks.1 <- blocks.1"]
+
+
+def test_pcfg_grammar_is_seeded_and_ends():
+    import pcfg_lm
+    a, b = pcfg_lm.PCFG(seed=3), pcfg_lm.PCFG(seed=3)
+    assert a.stream(500, seed=1).tolist() == b.stream(500, seed=1).tolist()
+    s = a.stream(2000, seed=2)
+    assert (s == 0).any() and int(s.max()) <= a.n_t and int(s.min()) >= 0
+
+
+def test_pcfg_lm_recipe(tmp_path):
+    import pcfg_lm
+    js, png = str(tmp_path / "lm.json"), str(tmp_path / "lm.png")
+    result = pcfg_lm.main(
+        ["--nonterminals", "4", "--terminals", "8", "--seq-len", "8", "--teacher-width", "16",
+         "--teacher-depth", "2", "--student-width", "8", "--student-depth", "2", "--heads", "2",
+         "--teacher-steps", "20", "--steps", "20", "--eval-every", "5", "--batch-size", "8",
+         "--eval-sequences", "16", "--device", "cpu", "--quiet", "--json", js, "--plot", png])
+    data = check_outputs(result, js, png)
+    assert set(data["students"]) == {"labels", "one_shot", "curriculum_extraction"}
+    assert data["target_loss"] == data["students"]["one_shot"]["final_heldout_loss"]
+    for s in data["students"].values():
+        check_curve(s["curve"], "heldout_loss")
+        assert "steps_to_target" in s and "flops_to_target" in s
+    assert data["students"]["one_shot"]["steps_to_target"] is not None
+
+
+def _tiny_parity():
+    from cex_kernels.experiments.sparse_parity import ParityConfig
+    return ParityConfig(d=10, k=2, teacher_width=64, student_width=16, samples=1024,
+                        teacher_samples=6400, batch_size=64, eval_every=8, test_size=512)
+
+
+def test_demo_function(tmp_path):
+    from cex_kernels.experiments.demo import run_demo
+    result = run_demo(str(tmp_path), quick=True, device="cpu", parity=_tiny_parity(),
+                      bench_impls=["cpu", "eager"])
+    data = check_outputs(result, str(tmp_path / "cex-demo.json"), str(tmp_path / "cex-demo.png"))
+    assert set(data["sparse_parity"]["students"]) == {"labels", "one_shot", "progressive",
+                                                       "curriculum_extraction"}
+    assert list(data["bench"]) == ["projected_mse"]
+    assert any(r["impl"] == "cpu" and "time_s" in r for r in data["bench"]["projected_mse"]["rows"])
+    parts = {r["part"] for r in data["summary"]}
+    assert parts == {"sparse parity", "bench projected_mse"}
+    assert "| part" in result["table"]
+
+
+def test_cex_demo_cli(tmp_path, monkeypatch, capsys):
+    """``cex demo --quick --out DIR`` reaches run_demo with its flags and prints the table."""
+    from cex_kernels import cli
+    from cex_kernels.experiments import demo
+
+    real = demo.run_demo
+    seen = {}
+
+    def tiny(out, **kwargs):
+        seen.update(kwargs, out=out)
+        return real(out, parity=_tiny_parity(), bench_impls=["cpu", "eager"], **kwargs)
+
+    monkeypatch.setattr(demo, "run_demo", tiny)
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu",
+                     "--silent"]) == 0
+    assert seen["quick"] is True and seen["out"] == str(tmp_path)
+    out = capsys.readouterr().out
+    assert "curriculum_extraction" in out and "cex-demo.json" in out
+    assert os.path.exists(tmp_path / "cex-demo.json")
