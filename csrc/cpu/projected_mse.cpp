@@ -20,6 +20,7 @@
 #include <c10/core/InferenceMode.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 namespace cex {
@@ -40,6 +41,29 @@ int64_t rows_per_block(int64_t d_s, int64_t n_rows) {
   return std::max<int64_t>(1, std::min(rows, n_rows));
 }
 
+// Element conversions. c10's bf16 <-> float conversions branch (NaN checks), which stops
+// `omp simd` from vectorizing the epilogue; these are the same roundings written as
+// straight-line bit arithmetic (round to nearest even; NaN -> the canonical bf16 NaN).
+template <typename acc_t, typename T>
+inline acc_t widen(T x) { return static_cast<acc_t>(x); }
+template <>
+inline float widen<float, c10::BFloat16>(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+template <typename T, typename acc_t>
+inline T narrow(acc_t x) { return static_cast<T>(x); }
+template <>
+inline c10::BFloat16 narrow<c10::BFloat16, float>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const uint16_t out = (x != x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+  return c10::BFloat16(out, c10::BFloat16::from_bits());
+}
+
 // One row of the epilogue: returns sum (s - y)^2 and writes grad_scale * (s - y).
 template <typename scalar_t, typename tile_t, typename acc_t>
 acc_t epilogue_row(const scalar_t* s, const tile_t* y, scalar_t* grad, int64_t d_s,
@@ -48,14 +72,14 @@ acc_t epilogue_row(const scalar_t* s, const tile_t* y, scalar_t* grad, int64_t d
   if (grad != nullptr) {
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < d_s; ++c) {
-      const acc_t d = static_cast<acc_t>(s[c]) - static_cast<acc_t>(y[c]);
+      const acc_t d = widen<acc_t>(s[c]) - widen<acc_t>(y[c]);
       acc += d * d;
-      grad[c] = static_cast<scalar_t>(grad_scale * d);
+      grad[c] = narrow<scalar_t>(grad_scale * d);
     }
   } else {
 #pragma omp simd reduction(+ : acc)
     for (int64_t c = 0; c < d_s; ++c) {
-      const acc_t d = static_cast<acc_t>(s[c]) - static_cast<acc_t>(y[c]);
+      const acc_t d = widen<acc_t>(s[c]) - widen<acc_t>(y[c]);
       acc += d * d;
     }
   }
