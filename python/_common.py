@@ -16,6 +16,17 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
+def add_run_arguments(parser, name: str) -> None:
+    """The flags every recipe shares: seed, device, threads, output paths, verbosity."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for torch (default 1: fastest for these small models)")
+    parser.add_argument("--json", default=f"{name}.json", metavar="PATH")
+    parser.add_argument("--plot", default=f"{name}.png", metavar="PATH")
+    parser.add_argument("--quiet", action="store_true")
+
+
 def resolve_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (TinyTransformer, block_names, environment, first_reaching,  # noqa: E402
+from _common import (add_run_arguments, TinyTransformer, block_names, environment, first_reaching,  # noqa: E402
                      format_table, plot_curves, resolve_device, write_json)
 
 from cex_kernels.distill import Budget, CurriculumExtraction, OneShotDistillation  # noqa: E402
@@ -127,12 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-sequences", type=int, default=256)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default="pcfg_lm.json", metavar="PATH")
-    p.add_argument("--plot", default="pcfg_lm.png", metavar="PATH")
-    p.add_argument("--quiet", action="store_true")
+    add_run_arguments(p, "pcfg_lm")
     return p
 
 

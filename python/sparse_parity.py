@@ -43,7 +43,7 @@ from typing import Dict, List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (environment, first_reaching, format_table, plot_curves,  # noqa: E402
+from _common import (add_run_arguments, environment, first_reaching, format_table, plot_curves,  # noqa: E402
                      resolve_device, write_json)
 
 from cex_kernels.experiments.sparse_parity import (METHODS, ParityConfig,  # noqa: E402
@@ -70,14 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help=f"KL temperature (default {dflt.temperature})")
     p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default {dflt.eval_every})")
     p.add_argument("--methods", nargs="+", choices=METHODS, help="default: all four")
-    p.add_argument("--seed", type=int, default=0)
+    add_run_arguments(p, "sparse_parity")
     p.add_argument("--seeds", type=int, nargs="+", help="several seeds (overrides --seed)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch (default 1: fastest for these small models)")
-    p.add_argument("--json", default="sparse_parity.json", metavar="PATH")
-    p.add_argument("--plot", default="sparse_parity.png", metavar="PATH")
-    p.add_argument("--quiet", action="store_true")
     return p
 
 
