@@ -40,8 +40,11 @@ def eager_linear_kl_teacher_hidden(hidden, weight, teacher_hidden, teacher_weigh
 
 
 def _split_impl(impl: str):
-    """``"cpu/64MiB"`` -> ("cpu", 64 MiB); ``"cpu"`` -> ("cpu", None)."""
+    """``"cpu/64MiB"`` -> ("cpu", 64 MiB); ``"cpu"`` -> ("cpu", None); ``"triton/tiled"`` ->
+    ("triton", "tiled") (linear_kl's vocabulary-tiled algorithm)."""
     backend, _, chunk = impl.partition("/")
+    if chunk == "tiled":
+        return backend, "tiled"
     return backend, (CHUNKS[chunk] if chunk else None)
 
 
@@ -193,7 +196,9 @@ def _linear_kl_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]
     else:
         backend, chunk = _split_impl(impl)
         kwargs = {"backend": backend, "temperature": TEMPERATURE}
-        if chunk is not None:
+        if chunk == "tiled":
+            kwargs["algorithm"] = "tiled"
+        elif chunk is not None:
             kwargs["chunk_bytes"] = chunk
 
         def loss_fn(h, w, *teacher):
@@ -213,6 +218,8 @@ def _linear_kl_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]
 def _linear_kl_case_skip(impl: str, case: Case) -> Optional[str]:
     if impl == "liger" and case.variant != "teacher_hidden":
         return "LigerFusedLinearJSD takes the teacher as hidden states + head, not logits"
+    if impl == "triton/tiled" and case.variant == "teacher_hidden":
+        return "the tiled algorithm takes the teacher as logits"
     return None
 
 
@@ -240,8 +247,8 @@ LINEAR_KL = OpSpec(
     shapes={"cpu": [dict(N=2048, H=256, V=32000), dict(N=1024, H=512, V=50257)],
             "cuda": [dict(N=8192, H=4096, V=131072), dict(N=4096, H=2048, V=32000)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16,)},
-    impls=("cpu", "cpu/64MiB", "triton", "triton/64MiB", "cuda", "reference", "eager",
-           "torch.compile", "liger"),
+    impls=("cpu", "cpu/64MiB", "triton", "triton/64MiB", "triton/tiled", "cuda", "reference",
+           "eager", "torch.compile", "liger"),
     variants={"cpu": ("teacher_logits",), "cuda": ("teacher_logits", "teacher_hidden")},
     skip_reason=_skip_reason, case_skip_reason=_linear_kl_case_skip,
     make_inputs=_linear_kl_inputs, make_step=_linear_kl_step, flops=_linear_kl_flops,

@@ -24,10 +24,12 @@ from cex_kernels.bench_core import (METRICS, MODES, Case, OpSpec, backend_skip_r
 from cex_kernels.bench_ops_kl import (LINEAR_KL, SOFTMAX_KL, eager_linear_kl,  # noqa: F401
                                       eager_softmax_kl)
 from cex_kernels.bench_ops_mse import PROJECTED_MSE, eager_projected_mse  # noqa: F401
+from cex_kernels.bench_ops_train import TRAIN_STEP
 from cex_kernels.bench_utils import (MiB, device_name, environment, measure_peak_copy_bandwidth,
                                      measure_peak_gemm_flops, peak_extra_memory, time_fn)
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, LINEAR_KL)}
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, LINEAR_KL,
+                                                         TRAIN_STEP)}
 
 
 # --------------------------------------------------------------------------- report
@@ -131,7 +133,29 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
                                           / eager["peak_extra_memory_bytes"])
     return {"environment": environment(device), "peaks": peaks,
             "settings": {"op": op, "quick": quick, "warmup": warmup, "repeats": repeats},
-            "skipped": skipped, "rows": rows}
+            "skipped": skipped, "rows": rows,
+            "flop_check": check_flops(spec, cases, device) if "eager" in spec.impls else []}
+
+
+def check_flops(spec: OpSpec, cases, device) -> list:
+    """Cross-check the analytic FLOPs once per mode and input variant against
+    ``FlopCounterMode`` on the eager implementation (smallest shape of the grid). FlopCounterMode counts matrix products
+    only, so ops whose cost is elementwise (softmax_kl) are reported, not compared."""
+    from torch.utils.flop_counter import FlopCounterMode
+    checks = []
+    for mode, variant in sorted({(c.mode, c.variant) for c in cases}):
+        group = [c for c in cases if c.mode == mode and c.variant == variant]
+        case = min(group, key=lambda c: math.prod(c.sizes.values()))
+        if spec.cell_skip_reason("eager", case, device):
+            continue
+        inputs = spec.make_inputs(case, device)
+        step = spec.make_step("eager", case, inputs)
+        with FlopCounterMode(display=False) as counter:
+            step()
+        counted, analytic = counter.get_total_flops(), spec.flops(case)
+        checks.append({"case": str(case), "analytic": analytic, "flop_counter": counted,
+                       "matches": counted == analytic if counted else None})
+    return checks
 
 
 def _pct(x: Optional[float]) -> str:
@@ -206,6 +230,12 @@ def report_markdown(report: dict) -> str:
         lines.append(f"- Skipped `{s['impl']}`{where}: {s['reason']}.")
     if spec is not None and spec.notes:
         lines += ["", spec.notes]
+    for check in report.get("flop_check", []):
+        verdict = ("matches" if check["matches"] else "does NOT match" if check["matches"] is False
+                   else "not comparable: FlopCounterMode counts matrix products only")
+        lines.append(f"- FLOP cross-check, eager `{check['case']}`: analytic "
+                     f"{check['analytic']:.3e}, FlopCounterMode {check['flop_counter']:.3e} "
+                     f"({verdict}).")
     lines += ["", "Peak extra memory: bytes allocated above the baseline at the peak of one "
               "call, outputs and the inputs' .grad included"
               + ("" if gpu else " (CPU: profiler allocation events on the calling thread; "
@@ -232,6 +262,7 @@ def write_report(report: dict, json_path: Optional[str] = None,
 
 
 __all__ = ["Case", "OpSpec", "OPS", "MODES", "METRICS", "PROJECTED_MSE", "SOFTMAX_KL", "LINEAR_KL",
+           "TRAIN_STEP",
            "backend_skip_reason", "clear_grads",
            "eager_projected_mse", "eager_softmax_kl", "eager_linear_kl", "compiled",
            "default_repeats", "measure_case", "measure_peaks", "rates", "run_report",

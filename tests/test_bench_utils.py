@@ -143,3 +143,13 @@ def test_op_paths_for_all():
     assert _op_path("r/x-{op}.md", "linear_kl", False) == "r/x-linear_kl.md"
     assert _op_path("r/x.json", "linear_kl", False) == "r/x.json"
     assert _op_path(None, "a", True) is None
+
+
+def test_analytic_flops_match_flop_counter_for_matmul_ops():
+    """The analytic FLOPs the tables divide by agree with FlopCounterMode on eager code."""
+    for spec in (bench_specs.PROJECTED_MSE, bench_specs.LINEAR_KL):
+        cases = spec.cases("cpu", quick=True)
+        tiny = [bench_specs.Case(c.op, tuple((k, min(v, 64)) for k, v in c.shape), c.dtype,
+                                 c.mode, *([c.variant] if c.variant else [])) for c in cases]
+        for check in bench_specs.check_flops(spec, tiny, torch.device("cpu")):
+            assert check["matches"], check
