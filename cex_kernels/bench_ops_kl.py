@@ -7,6 +7,8 @@ and the device is CUDA (``LigerKLDIVLoss`` with its log-softmaxes counted in;
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +29,18 @@ def eager_softmax_kl(student_logits, teacher_logits, temperature: float = TEMPER
     return F.kl_div(F.log_softmax(student_logits / temperature, -1),
                     F.log_softmax(teacher_logits / temperature, -1), log_target=True,
                     reduction="batchmean") * t2
+
+
+def eager_jsd(student_logits, teacher_logits, beta: float = 0.5,
+              temperature: float = TEMPERATURE):
+    """The eager generalized JSD (TRL GKD's generalized_jsd_loss), batchmean, times T²:
+    beta KL(q || m) + (1 - beta) KL(p || m), log m = logsumexp of the weighted log-probs."""
+    log_p = F.log_softmax(student_logits / temperature, -1)
+    log_q = F.log_softmax(teacher_logits / temperature, -1)
+    log_m = torch.logsumexp(torch.stack([log_p + math.log(1 - beta), log_q + math.log(beta)]), 0)
+    kl_q = F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)
+    kl_p = F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
+    return (beta * kl_q + (1 - beta) * kl_p) * temperature * temperature
 
 
 def eager_linear_kl(hidden, weight, teacher_logits):
@@ -100,16 +114,30 @@ def _liger_kl_div(student_logits, teacher_logits, temperature: float = TEMPERATU
                                 F.log_softmax(teacher_logits / temperature, -1)) * t2
 
 
+def _liger_jsd(student_logits, teacher_logits):
+    """``LigerJSD`` (beta 0.5) on the two log-softmaxes, times T²."""
+    if "jsd" not in _LIGER_MODULES:
+        from liger_kernel.transformers.jsd import LigerJSD
+        _LIGER_MODULES["jsd"] = LigerJSD(beta=0.5)
+    return _LIGER_MODULES["jsd"](F.log_softmax(student_logits / TEMPERATURE, -1),
+                                 F.log_softmax(teacher_logits / TEMPERATURE, -1)) * TEMPERATURE ** 2
+
+
 def _softmax_kl_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]:
-    """One timed call. fwd+bwd clears ``student.grad`` first, so every call allocates it."""
+    """One timed call. fwd+bwd clears ``student.grad`` first, so every call allocates it.
+    The ``jsd`` variant times the generalized JSD (beta 0.5) instead of forward KL."""
     import cex_kernels
     s, t = inputs["student"], inputs["teacher"]
+    jsd = case.variant == "jsd"
     if impl == "eager":
-        loss_fn = eager_softmax_kl
+        loss_fn = eager_jsd if jsd else eager_softmax_kl
     elif impl == "torch.compile":
-        loss_fn = compiled(eager_softmax_kl)
+        loss_fn = compiled(eager_jsd if jsd else eager_softmax_kl)
     elif impl == "liger":
-        loss_fn = _liger_kl_div
+        loss_fn = _liger_jsd if jsd else _liger_kl_div
+    elif jsd:
+        def loss_fn(s, t):
+            return cex_kernels.jsd(s, t, beta=0.5, temperature=TEMPERATURE, backend=impl)
     else:
         def loss_fn(s, t):
             return cex_kernels.softmax_kl(s, t, temperature=TEMPERATURE, backend=impl)
@@ -144,11 +172,14 @@ SOFTMAX_KL = OpSpec(
             "cuda": [dict(N=8192, V=131072), dict(N=16384, V=32000), dict(N=4096, V=256000)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
     impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    # The JSD is timed on the GPU grid (the CPU grid keeps to forward KL: its reference
+    # rows alone take minutes); `cex bench --op softmax_kl` on a CUDA machine runs both.
+    variants={"cpu": ("kl",), "cuda": ("kl", "jsd")},
     skip_reason=_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_softmax_kl_step,
     flops=_softmax_kl_flops, min_bytes=_softmax_kl_min_bytes,
     repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
     metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"),
-    notes=f"Temperature {TEMPERATURE}, forward KL, batchmean. GB/s: minimal bytes (read both "
+    notes=f"Temperature {TEMPERATURE}, forward KL (variant kl) or JSD beta 0.5 (variant jsd), batchmean. GB/s: minimal bytes (read both "
           "logits once; fwd+bwd also writes the student's N x V gradient) over the median "
           "time; % copy BW: that over the measured copy bandwidth (read + write), the "
           "roofline of this memory-bound op. FLOPs (JSON only) are nominal: 10 per logit "

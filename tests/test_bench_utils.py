@@ -50,7 +50,7 @@ def test_grid_is_shared_and_quick_is_smallest():
 
 
 def test_every_op_is_registered_with_a_grid_per_device():
-    assert set(bench_specs.OPS) == {"projected_mse", "softmax_kl", "linear_kl"}
+    assert set(bench_specs.OPS) == {"projected_mse", "softmax_kl", "linear_kl", "train_step"}
     for spec in bench_specs.OPS.values():
         for kind in ("cpu", "cuda"):
             assert spec.cases(kind) and all(c.op == spec.name for c in spec.cases(kind))
@@ -61,7 +61,9 @@ def test_kl_grids():
     sk, lk = bench_specs.SOFTMAX_KL, bench_specs.LINEAR_KL
     assert {tuple(c.sizes.values()) for c in sk.cases("cpu")} == {
         (4096, 32000), (1024, 50257), (2048, 128256)}
-    assert len(sk.cases("cuda")) == 3 * 2 * len(bench_specs.MODES)  # bf16 and fp32
+    # CUDA: bf16 and fp32, forward KL and JSD
+    assert len(sk.cases("cuda")) == 3 * 2 * 2 * len(bench_specs.MODES)
+    assert {c.variant for c in sk.cases("cuda")} == {"kl", "jsd"}
     quick = sk.cases("cpu", quick=True)
     assert {c.sizes["N"] for c in quick} == {1024} and len(quick) == len(bench_specs.MODES)
     cuda = lk.cases("cuda")
