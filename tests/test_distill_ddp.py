@@ -35,7 +35,11 @@ def _worker(rank, world, port, out_file):
         if rank == 0:
             torch.save({"params": student.state_dict(), "flops": result.phase_flops}, out_file)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            # Leave together: rank 0 hosts the TCP store, and a rank still tearing down
+            # after it is gone aborts in gloo's background thread.
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def _free_port():
