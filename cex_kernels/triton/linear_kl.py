@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cex_kernels.triton._common import dot_input_precision
+
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
 # (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
 # compiles without spills for sm_80 and sm_90 (`python -m cex_kernels.triton.aot`); the
@@ -213,12 +215,6 @@ def linear_kl_grad_kernel(
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
 
 
-def _input_precision(dtype):
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def _config(table, tensors, sizes):
     """The block shape for these inputs: by math mode and by 16-alignment."""
     first = tensors[0]
@@ -227,7 +223,7 @@ def _config(table, tensors, sizes):
     if first.dtype != torch.float32:
         kind = "tensor_core"
     else:
-        kind = "fp32" if _input_precision(first.dtype) == "ieee" else "tf32"
+        kind = "fp32" if dot_input_precision(first.dtype) == "ieee" else "tf32"
     aligned = (all(x % 16 == 0 for x in sizes)
                and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors))
     return table[(kind, aligned)]
@@ -256,7 +252,7 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     need_ce = ce_weight is not None
     labels_arg = labels if need_ce else kd_weight  # unread when not need_ce
     bias_arg = bias if bias is not None else kd_weight
-    precision = _input_precision(hidden.dtype)
+    precision = dot_input_precision(hidden.dtype)
     common = dict(HAS_BIAS=bias is not None, NEED_CE=need_ce, INPUT_PRECISION=precision)
 
     layout = ((hidden, weight, teacher_logits), (n_rows, vocab, hidden_size))

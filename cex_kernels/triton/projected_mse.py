@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cex_kernels.triton._common import dot_input_precision
+
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
 # without spills for sm_80 and sm_90 (checked by `python -m cex_kernels.triton.aot`); the
 # epilogue keeps a student tile beside the accumulator, so 128x256 tiles spill and are out.
@@ -136,13 +138,6 @@ projected_mse_fwd_fp32 = triton.autotune(
 )(projected_mse_fwd_kernel)
 
 
-def _input_precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's matmul setting: exact fp32 unless the user allowed TF32.
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "ieee"
-
-
 def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
                       grad_scale: float, compute_grad: bool):
     """Launch the fused kernel. 2-D inputs of one dtype, any strides.
@@ -168,7 +163,7 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
     args = (student, teacher, projection, grad if compute_grad else student, partial,
             n_rows, d_t, d_s, *student.stride(), *teacher.stride(), *projection.stride(),
             *g_strides, float(grad_scale))
-    precision = _input_precision(student.dtype)
+    precision = dot_input_precision(student.dtype)
     flags = dict(WRITE_GRAD=compute_grad, INPUT_PRECISION=precision)
 
     if device.type == "cpu":  # the Triton interpreter: one fixed small config
