@@ -8,3 +8,20 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
+             num_warps: int, num_stages: int) -> dict:
+    """One ahead-of-time compile spec for ``cex_kernels.triton.aot``.
+
+    Every argument is an ``i32`` unless ``types`` says otherwise; ``constexprs`` become
+    constants (as the JIT makes unit strides and block sizes); ``divisible`` names the
+    arguments specialized as multiples of 16, as the JIT does for aligned inputs.
+    """
+    arg_names = kernel.arg_names
+    signature = {arg: "i32" for arg in arg_names}
+    signature.update({arg: t for arg, t in types.items() if arg in signature})
+    signature.update({arg: "constexpr" for arg in constexprs})
+    attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
+    return dict(name=name, kernel=kernel, signature=signature, constexprs=dict(constexprs),
+                attrs=attrs, num_warps=num_warps, num_stages=num_stages)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import dot_input_precision
+from cex_kernels.triton._common import aot_spec, dot_input_precision
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
 # (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
@@ -311,30 +311,20 @@ _INNER_STRIDES = ("stride_hk", "stride_wk", "stride_tv")
 
 def _aot_spec(kernel, name, dtype, config, constexprs, aligned):
     bm, bv, bk, warps, stages = config
-    arg_names = kernel.arg_names
-    signature = {n: "i32" for n in arg_names}
-    for ptr in ("h_ptr", "w_ptr", "b_ptr", "t_ptr"):
-        signature[ptr] = f"*{dtype}"
-    for ptr in ("stats_ptr", "row_ptr", "dh_ptr", "dw_ptr", "db_ptr"):
-        if ptr in signature:
-            signature[ptr] = "*fp32"
-    signature["label_ptr"] = "*i64"
-    signature["inv_t"] = "fp32"
-    constexprs = dict(constexprs, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
-    attrs = {}
-    constexprs.update({s: 1 for s in _INNER_STRIDES})
-    if aligned:
-        divisible = [n for n in arg_names if n.endswith("_ptr") or n in
-                     ("N", "V", "H", "v_per_split", "stride_hm", "stride_wv", "stride_tm")]
-        attrs = {(arg_names.index(n),): [["tt.divisibility", 16]] for n in divisible}
-    for key in constexprs:
-        signature[key] = "constexpr"
+    types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+             "t_ptr": f"*{dtype}", "label_ptr": "*i64", "inv_t": "fp32",
+             **{ptr: "*fp32" for ptr in ("stats_ptr", "row_ptr", "dh_ptr", "dw_ptr", "db_ptr")}}
     label = ",".join(f"{k}={v}" for k, v in constexprs.items()
                      if k in ("REVERSE", "HAS_BIAS", "NEED_CE", "INPUT_PRECISION"))
-    return dict(name=f"{name}[{dtype},{label},{bm}x{bv}x{bk},w{warps}"
-                     f"{'' if aligned else ',unaligned'}]",
-                kernel=kernel, signature=signature, constexprs=constexprs, attrs=attrs,
-                num_warps=warps, num_stages=stages)
+    constexprs = dict(constexprs, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
+                      **{s: 1 for s in _INNER_STRIDES})
+    divisible = ()
+    if aligned:
+        divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in
+                     ("N", "V", "H", "v_per_split", "stride_hm", "stride_wv", "stride_tm")]
+    return aot_spec(kernel, f"{name}[{dtype},{label},{bm}x{bv}x{bk},w{warps}"
+                            f"{'' if aligned else ',unaligned'}]", types, constexprs, divisible,
+                    num_warps=warps, num_stages=stages)
 
 
 def aot_specs():

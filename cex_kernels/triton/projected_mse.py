@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import dot_input_precision
+from cex_kernels.triton._common import aot_spec, dot_input_precision
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
 # without spills for sm_80 and sm_90 (checked by `python -m cex_kernels.triton.aot`); the
@@ -198,23 +198,18 @@ _INT_ARGS = ("N", "d_t", "d_s", "stride_sm", "stride_tm", "stride_pk", "stride_g
 
 def _aot_spec(dtype, precision, config, aligned):
     bm, bn, bk, gm, warps, stages = config
-    arg_names = projected_mse_fwd_kernel.arg_names
-    signature = {name: "i32" for name in arg_names}
-    signature.update({"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "p_ptr": f"*{dtype}",
-                      "g_ptr": f"*{dtype}", "partial_ptr": "*fp32", "grad_scale": "fp32"})
+    types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "p_ptr": f"*{dtype}",
+             "g_ptr": f"*{dtype}", "partial_ptr": "*fp32", "grad_scale": "fp32"}
     constexprs = {"WRITE_GRAD": True, "INPUT_PRECISION": precision,
                   "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
-    attrs = {}
+    divisible = ()
     if aligned:
         constexprs.update({name: 1 for name in _INNER_STRIDES})
         divisible = ("s_ptr", "t_ptr", "p_ptr", "g_ptr", "partial_ptr") + _INT_ARGS
-        attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    for name in constexprs:
-        signature[name] = "constexpr"
-    return dict(name=(f"projected_mse_fwd[{dtype}/{precision},{bm}x{bn}x{bk},w{warps},s{stages}"
-                      f"{'' if aligned else ',generic'}]"),
-                kernel=projected_mse_fwd_kernel, signature=signature, constexprs=constexprs,
-                attrs=attrs, num_warps=warps, num_stages=stages)
+    return aot_spec(projected_mse_fwd_kernel,
+                    f"projected_mse_fwd[{dtype}/{precision},{bm}x{bn}x{bk},w{warps},s{stages}"
+                    f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
+                    num_warps=warps, num_stages=stages)
 
 
 def aot_specs():

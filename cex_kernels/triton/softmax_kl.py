@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cex_kernels.triton._common import aot_spec
+
 # (BLOCK_V, num_warps): 4..16 elements per thread per live tensor, so the JSD pass (seven
 # live chunk tensors) stays in registers. Autotuned on V.
 CONFIGS = [(1024, 4), (2048, 8), (4096, 16)]
@@ -199,23 +201,18 @@ _INT_ARGS = ("V", "stride_sm", "stride_tm", "stride_gsm", "stride_gtm")
 
 def _aot_spec(dtype, is_jsd, config, aligned):
     block_v, warps = config
-    arg_names = softmax_kl_fwd_kernel.arg_names
-    signature = {name: "i32" for name in arg_names}
-    signature.update({"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32",
-                      "loss_ptr": "*fp32", "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}",
-                      "inv_t": "fp32", "beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"})
+    types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
+             "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32", "beta": "fp32",
+             "log_b": "fp32", "log_1mb": "fp32"}
     constexprs = {"IS_JSD": is_jsd, "WRITE_GS": True, "WRITE_GT": True, "BLOCK_V": block_v}
-    attrs = {}
+    divisible = ()
     if aligned:
         constexprs.update({"stride_sv": 1, "stride_tv": 1})
         divisible = ("s_ptr", "t_ptr", "w_ptr", "loss_ptr", "gs_ptr", "gt_ptr") + _INT_ARGS
-        attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
-    for name in constexprs:
-        signature[name] = "constexpr"
-    return dict(name=(f"softmax_kl_fwd[{dtype}/{'jsd' if is_jsd else 'kl'},{block_v},w{warps}"
-                      f"{'' if aligned else ',generic'}]"),
-                kernel=softmax_kl_fwd_kernel, signature=signature, constexprs=constexprs,
-                attrs=attrs, num_warps=warps, num_stages=1)
+    return aot_spec(softmax_kl_fwd_kernel,
+                    f"softmax_kl_fwd[{dtype}/{'jsd' if is_jsd else 'kl'},{block_v},w{warps}"
+                    f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
+                    num_warps=warps, num_stages=1)
 
 
 def aot_specs():
