@@ -13,8 +13,11 @@ from conftest import assert_close_to_reference, backend_cases, skip_unsupported
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 REDUCTIONS = ["mean", "sum", "none"]
 # (leading shape, d_t, d_s): one row; sizes that are multiples of no block size; d_s > d_t
-# and d_s < d_t; leading batch dimensions.
-SHAPES = [((1,), 16, 8), ((37,), 50, 21), ((13,), 5, 40), ((2, 3, 7), 33, 17), ((65,), 130, 3)]
+# and d_s < d_t; leading batch dimensions; then sizes the blocks divide (the Triton kernel
+# drops its masks for them): d_t only, d_s only, and both, for the interpreter's 16-blocks
+# and for every GPU config's blocks.
+SHAPES = [((1,), 16, 8), ((37,), 50, 21), ((13,), 5, 40), ((2, 3, 7), 33, 17), ((65,), 130, 3),
+          ((20,), 48, 30), ((9,), 40, 64), ((130,), 256, 128)]
 
 
 def make_inputs(lead, d_t, d_s, dtype, device, seed=0):

@@ -11,12 +11,15 @@ def dot_input_precision(dtype: torch.dtype) -> str:
 
 
 def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
-             num_warps: int, num_stages: int) -> dict:
+             num_warps: int, num_stages: int, vector_loads: bool = False) -> dict:
     """One ahead-of-time compile spec for ``cex_kernels.triton.aot``.
 
     Every argument is an ``i32`` unless ``types`` says otherwise; ``constexprs`` become
     constants (as the JIT makes unit strides and block sizes); ``divisible`` names the
     arguments specialized as multiples of 16, as the JIT does for aligned inputs.
+    ``vector_loads``: the compile must load its 16-bit tensors with vector loads and stage
+    them through shared memory in 16-byte async copies (a GEMM whose operand loads fell
+    back to scalar loads cannot be pipelined, and is several times slower).
     """
     arg_names = kernel.arg_names
     signature = {arg: "i32" for arg in arg_names}
@@ -24,4 +27,5 @@ def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
     signature.update({arg: "constexpr" for arg in constexprs})
     attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
     return dict(name=name, kernel=kernel, signature=signature, constexprs=dict(constexprs),
-                attrs=attrs, num_warps=num_warps, num_stages=num_stages)
+                attrs=attrs, num_warps=num_warps, num_stages=num_stages,
+                vector_loads=vector_loads)

@@ -6,8 +6,10 @@ The Triton interpreter (used by the CPU tests) accepts programs that a GPU rejec
 the check that they really compile. For each kernel spec listed by a module's
 ``aot_specs()`` (every autotune config of every dtype) and each compute capability it runs
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, then reads the resource usage of the cubin
-(registers per thread, stack/local bytes = spills, shared memory). Exit
-status 1 when a compile fails, a kernel spills, or shared memory exceeds the device limit.
+(registers per thread, stack/local bytes = spills, shared memory) and, for specs that ask for
+it, checks the PTX for operand loads that fell back to scalar loads. Exit status 1 when a
+compile fails, a kernel spills, shared memory exceeds the device limit, or loads that must be
+vectorized are not.
 Must run with TRITON_INTERPRET unset (the kernels must be real JIT functions).
 """
 from __future__ import annotations
@@ -57,6 +59,21 @@ def _resource_usage(cubin: bytes) -> dict:
             "local_bytes": usage.get("local", 0)}
 
 
+def _narrow_loads(ptx: str) -> list:
+    """Scalar 16-bit global loads and async copies narrower than 16 bytes in the PTX: the
+    signs that the compiler could not prove an operand contiguous and aligned."""
+    found = []
+    scalar_half = re.findall(r"\bld\.global(?:\.[a-zA-Z0-9:_]+)*\.b16\b", ptx)
+    scalar_half = [op for op in scalar_half if ".v2." not in op and ".v4." not in op]
+    if scalar_half:
+        found.append(f"{len(scalar_half)} scalar 16-bit loads")
+    sizes = re.findall(r"\bcp\.async\.c[ag]\.shared\.global[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)", ptx)
+    narrow = [s for s in sizes if int(s, 0) < 16]
+    if narrow:
+        found.append(f"{len(narrow)} async copies under 16 bytes")
+    return found
+
+
 def compile_one(module_name: str, spec_name: str, cc: int) -> dict:
     import importlib
 
@@ -77,6 +94,10 @@ def compile_one(module_name: str, spec_name: str, cc: int) -> dict:
         if row["stack_bytes"] or row["local_bytes"]:
             problems.append(f"register spills: stack {row['stack_bytes']}B, "
                             f"local {row['local_bytes']}B")
+        if spec.get("vector_loads"):
+            narrow = _narrow_loads(compiled.asm["ptx"])
+            if narrow:
+                problems.append("unvectorized loads: " + ", ".join(narrow))
         if row["shared_bytes"] > SHARED_MEMORY_LIMIT[cc]:
             problems.append(f"shared memory {row['shared_bytes']}B > {SHARED_MEMORY_LIMIT[cc]}B")
         row["ok"] = not problems

@@ -29,11 +29,14 @@ import triton.language as tl
 from cex_kernels.triton._common import aot_spec, dot_input_precision
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
-# without spills for sm_80 and sm_90 (checked by `python -m cex_kernels.triton.aot`); the
-# epilogue keeps a student tile beside the accumulator, so 128x256 tiles spill and are out.
+# without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 (checked by `cex aot`); the
+# epilogue keeps a student tile beside the accumulator, so 128x256 tiles spill (16 B on
+# sm_90 with Triton 3.6) and are out; 256x128 fits (242-255 registers).
 # bf16/fp16 on tensor cores: large tiles for big problems, smaller ones for small d_s or N.
+# The first config is the one launched without autotuning (CEX_TRITON_AUTOTUNE=0).
 TENSOR_CORE_CONFIGS = [
     (128, 128, 64, 8, 8, 4),
+    (256, 128, 64, 8, 8, 3),
     (64, 128, 64, 8, 4, 4),
     (128, 64, 32, 8, 4, 4),
     (64, 64, 32, 8, 4, 4),
@@ -49,7 +52,7 @@ TF32_CONFIGS = [
 FP32_CONFIGS = [
     (128, 64, 32, 8, 8, 3),
     (64, 128, 32, 8, 8, 3),
-    (64, 64, 32, 8, 4, 3),
+    (64, 64, 32, 8, 4, 2),
     (32, 64, 32, 8, 4, 3),
 ]
 # CEX_TRITON_AUTOTUNE=0 launches the first config of the list without autotuning (test runs
@@ -73,6 +76,7 @@ def projected_mse_fwd_kernel(
     stride_sm, stride_sn, stride_tm, stride_tk, stride_pk, stride_pn, stride_gm, stride_gn,
     grad_scale,
     WRITE_GRAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -100,17 +104,27 @@ def projected_mse_fwd_kernel(
     mask_m = rows < N - row0
     mask_n = offs_n < d_s
     # Rows past N read row 0 instead of masking every teacher load: their results are
-    # discarded by the epilogue masks.
+    # discarded by the epilogue masks. Columns are masked instead: clamping them the same
+    # way hides from the compiler that P's columns are contiguous, which turned P's loads
+    # into scalar loads that could not be pipelined (and spilled).
     rows_in = tl.where(mask_m, rows, 0)
-    cols_in = tl.where(mask_n, offs_n, 0)
+    # When the sizes divide the blocks (the common case) the masks are constant-true and
+    # the compiler drops them from the loop.
+    if EVEN_N:
+        load_n = tl.full((BLOCK_N,), True, tl.int1)
+    else:
+        load_n = mask_n
 
     t_ptrs = t_ptr + rows_in[:, None] * stride_tm + offs_k[None, :] * stride_tk
-    p_ptrs = p_ptr + offs_k[:, None] * stride_pk + cols_in[None, :] * stride_pn
+    p_ptrs = p_ptr + offs_k[:, None] * stride_pk + offs_n[None, :] * stride_pn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(d_t, BLOCK_K)):
-        k_left = d_t - k * BLOCK_K
-        t = tl.load(t_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        p = tl.load(p_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if EVEN_K:
+            load_k = tl.full((BLOCK_K,), True, tl.int1)
+        else:
+            load_k = offs_k < d_t - k * BLOCK_K
+        t = tl.load(t_ptrs, mask=load_k[None, :], other=0.0)
+        p = tl.load(p_ptrs, mask=load_k[:, None] & load_n[None, :], other=0.0)
         acc = tl.dot(t, p, acc, input_precision=INPUT_PRECISION)
         t_ptrs += BLOCK_K * stride_tk
         p_ptrs += BLOCK_K * stride_pk
@@ -127,15 +141,20 @@ def projected_mse_fwd_kernel(
     tl.store(partial_ptr + pid_n.to(tl.int64) * N + row0 + rows, row_sq, mask=mask_m)
 
 
+# EVEN_K / EVEN_N follow from the sizes and the block shape the autotuner tries.
+_with_even_flags = triton.heuristics({
+    "EVEN_K": lambda args: args["d_t"] % args["BLOCK_K"] == 0,
+    "EVEN_N": lambda args: args["d_s"] % args["BLOCK_N"] == 0,
+})(projected_mse_fwd_kernel)
 projected_mse_fwd_tensor_core = triton.autotune(
     configs=[_triton_config(*c) for c in TENSOR_CORE_CONFIGS], key=["d_t", "d_s"],
-)(projected_mse_fwd_kernel)
+)(_with_even_flags)
 projected_mse_fwd_tf32 = triton.autotune(
     configs=[_triton_config(*c) for c in TF32_CONFIGS], key=["d_t", "d_s"],
-)(projected_mse_fwd_kernel)
+)(_with_even_flags)
 projected_mse_fwd_fp32 = triton.autotune(
     configs=[_triton_config(*c) for c in FP32_CONFIGS], key=["d_t", "d_s"],
-)(projected_mse_fwd_kernel)
+)(_with_even_flags)
 
 
 def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
@@ -169,8 +188,7 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
     if device.type == "cpu":  # the Triton interpreter: one fixed small config
         bm, bn, bk, gm, _, _ = INTERPRETER_CONFIG
         grid = (triton.cdiv(n_rows, bm) * triton.cdiv(d_s, bn),)
-        projected_mse_fwd_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                       GROUP_M=gm)
+        _with_even_flags[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
     else:
         def grid(meta):
             return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_s, meta["BLOCK_N"]),)
@@ -190,26 +208,32 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
 
 # Ahead-of-time compile specs: every config of every autotuner, for every dtype and
 # precision the op can launch on a GPU, specialized as the JIT specializes the common case
-# (unit inner strides become constants; pointers and sizes divisible by 16). One generic
-# variant per dtype (odd strides and sizes) checks the slow path compiles too.
+# (unit inner strides become constants; pointers and sizes divisible by 16; sizes that the
+# blocks divide). Two more variants per dtype check the other paths compile clean too:
+# "tails" (aligned, but sizes the blocks do not divide) and "generic" (odd strides and sizes).
 _INNER_STRIDES = ("stride_sn", "stride_tk", "stride_pn", "stride_gn")
 _INT_ARGS = ("N", "d_t", "d_s", "stride_sm", "stride_tm", "stride_pk", "stride_gm")
 
 
-def _aot_spec(dtype, precision, config, aligned):
+def _aot_spec(dtype, precision, config, layout="aligned"):
     bm, bn, bk, gm, warps, stages = config
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "p_ptr": f"*{dtype}",
              "g_ptr": f"*{dtype}", "partial_ptr": "*fp32", "grad_scale": "fp32"}
-    constexprs = {"WRITE_GRAD": True, "INPUT_PRECISION": precision,
-                  "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    even = layout == "aligned"
+    constexprs = {"WRITE_GRAD": True, "INPUT_PRECISION": precision, "EVEN_K": even,
+                  "EVEN_N": even, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
     divisible = ()
-    if aligned:
+    if layout != "generic":
         constexprs.update({name: 1 for name in _INNER_STRIDES})
         divisible = ("s_ptr", "t_ptr", "p_ptr", "g_ptr", "partial_ptr") + _INT_ARGS
     return aot_spec(projected_mse_fwd_kernel,
                     f"projected_mse_fwd[{dtype}/{precision},{bm}x{bn}x{bk},w{warps},s{stages}"
-                    f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
-                    num_warps=warps, num_stages=stages)
+                    f"{'' if even else ',' + layout}]", types, constexprs, divisible,
+                    num_warps=warps, num_stages=stages,
+                    # TF32 wgmma reads B only K-major, so on sm_90 Triton stages the
+                    # row-major projection with 4-byte copies; every other aligned case
+                    # must stream both operands in 16-byte copies.
+                    vector_loads=layout != "generic" and precision != "tf32")
 
 
 def aot_specs():
@@ -217,6 +241,7 @@ def aot_specs():
     variants = [("fp32", "ieee", FP32_CONFIGS), ("fp32", "tf32", TF32_CONFIGS),
                 ("fp16", "ieee", TENSOR_CORE_CONFIGS), ("bf16", "ieee", TENSOR_CORE_CONFIGS)]
     for dtype, precision, configs in variants:
-        specs += [_aot_spec(dtype, precision, cfg, aligned=True) for cfg in configs]
-        specs.append(_aot_spec(dtype, precision, configs[-1], aligned=False))
+        specs += [_aot_spec(dtype, precision, cfg) for cfg in configs]
+        specs.append(_aot_spec(dtype, precision, configs[0], "tails"))
+        specs.append(_aot_spec(dtype, precision, configs[-1], "generic"))
     return specs
