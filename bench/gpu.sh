@@ -35,8 +35,9 @@ NAME=$($PY -c "from cex_kernels.bench_utils import short_device_name; print(shor
 
 status=0
 if [ "${GPU_SH_SKIP_TESTS:-0}" != 1 ]; then
+    # Up to 25 failures: a device call is too scarce to stop at the first one.
     echo "== tests on CUDA (Triton launched with its first config: no autotuning per test shape)"
-    CEX_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -p no:cacheprovider -x \
+    CEX_TRITON_AUTOTUNE=0 $PY -m pytest tests -q -p no:cacheprovider --maxfail=25 \
         --junitxml="$OUT/tests-$NAME-$DATE.xml" 2>&1 | tee "$OUT/tests-$NAME-$DATE.log" | tail -n 40
     status=${PIPESTATUS[0]}
 fi

@@ -3,6 +3,7 @@
 Without a GPU, Triton kernels run on CPU tensors under the Triton interpreter, which must
 be switched on before cex_kernels (and so the @triton.jit kernels) is imported.
 """
+import contextlib
 import os
 
 import torch
@@ -16,6 +17,26 @@ import cex_kernels  # noqa: E402
 from cex_kernels import _backends  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+def _interpreter_broken_reason():
+    """Why the Triton interpreter cannot run here, or None. Triton 3.6's interpreter turns
+    a runtime integer into a Python int with ``int(array_of_one)``, which NumPy 2.4 made an
+    error (Triton 3.7 squeezes the array first)."""
+    if HAS_CUDA or not _backends.TRITON_INTERPRET or not cex_kernels.backends()["triton"]:
+        return None
+    import numpy
+    import triton
+    triton_version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    numpy_version = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+    if triton_version < (3, 7) and numpy_version >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__} "
+                "(int() of a 1-element array); use numpy<2.4 or Triton >= 3.7 to run the "
+                "Triton kernels on the CPU")
+    return None
+
+
+INTERPRETER_BROKEN = _interpreter_broken_reason()
 
 # Tolerances for comparing against the float64 reference computed from the same (rounded)
 # inputs: fp32 accumulation everywhere, so the error comes from the output rounding and
@@ -54,7 +75,44 @@ def backend_cases():
             cases.append(("cuda", "triton"))
         if available["cuda"]:
             cases.append(("cuda", "cuda"))
-    return [pytest.param(d, b, id=f"{d}-{b}") for d, b in cases]
+    def marks(device, backend):
+        if device == "cpu" and backend == "triton" and INTERPRETER_BROKEN:
+            return [pytest.mark.skip(reason=INTERPRETER_BROKEN)]
+        return []
+    return [pytest.param(d, b, id=f"{d}-{b}", marks=marks(d, b)) for d, b in cases]
+
+
+def triton_device():
+    """Where the Triton kernels run in this session: "cuda", "cpu" (the interpreter), or
+    None (Triton missing); tests that launch kernels directly use this."""
+    if not cex_kernels.backends()["triton"]:
+        return None
+    if HAS_CUDA:
+        return "cuda"
+    return "cpu" if _backends.TRITON_INTERPRET and not INTERPRETER_BROKEN else None
+
+
+@contextlib.contextmanager
+def math_mode_dtypes(mode: str, device: str):
+    """For a kernel math mode ("tensor_core", "tf32", "fp32"): set torch's float32 matmul
+    precision to select it and yield the dtypes to test it with, each with the dtype whose
+    tolerance applies (TF32 rounds operands to 10-bit mantissas: bf16-like input error).
+    bf16 is left out under the interpreter, whose bf16 tl.dot is wrong (triton issue 11584)."""
+    dtypes = {"tensor_core": [torch.float16, torch.bfloat16], "tf32": [torch.float32],
+              "fp32": [torch.float32]}[mode]
+    if device == "cpu":
+        dtypes = [d for d in dtypes if d != torch.bfloat16]
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if mode == "tf32" else "highest")
+    try:
+        yield [(d, torch.bfloat16 if mode == "tf32" else d) for d in dtypes]
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def no_triton_reason():
+    """Why ``triton_device()`` is None (for skipif reasons)."""
+    return INTERPRETER_BROKEN or "Triton is not installed or cannot run here"
 
 
 def skip_unsupported(device: str, backend: str, dtype: torch.dtype):

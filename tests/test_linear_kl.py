@@ -4,7 +4,8 @@ import torch
 
 import cex_kernels
 from cex_kernels import reference
-from conftest import assert_close_to_reference, backend_cases, skip_unsupported
+from conftest import (assert_close_to_reference, backend_cases, math_mode_dtypes,
+                      no_triton_reason, skip_unsupported, triton_device)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -266,3 +267,46 @@ def test_tiled_algorithm_refuses_what_it_does_not_do():
                               teacher_hidden=inputs["teacher_hidden"],
                               teacher_weight=inputs["teacher_weight"], backend="triton",
                               algorithm="tiled")
+
+
+def _tiled_gpu_config_cases():
+    from cex_kernels.triton.linear_kl import GRAD_CONFIG, STATS_CONFIG
+    return [pytest.param(key[0], STATS_CONFIG[key], GRAD_CONFIG[key],
+                         id=f"{key[0]}-{'aligned' if key[1] else 'unaligned'}")
+            for key in STATS_CONFIG]
+
+
+@pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
+@pytest.mark.parametrize("mode,stats_config,grad_config", _tiled_gpu_config_cases())
+# (N, H, V): sizes divisible by 16 (what the aligned configs are chosen for), then odd ones.
+@pytest.mark.parametrize("shape", [(160, 64, 320), (70, 40, 203)], ids=["aligned", "odd"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_tiled_every_gpu_config(mode, stats_config, grad_config, shape, reverse):
+    """Each block shape the tiled kernels launch with on a GPU computes the same losses and
+    gradients, launched directly with that config (under the interpreter without a GPU)."""
+    from cex_kernels.triton.linear_kl import linear_kl_tiled
+    device = triton_device()
+    n, hidden, vocab = shape
+    with math_mode_dtypes(mode, device) as dtypes:
+        for dtype, tol in dtypes:
+            inputs = make(n=n, hidden=hidden, vocab=vocab, dtype=dtype, device=device, seed=3)
+            h, w, b = inputs["student_hidden"], inputs["student_weight"], inputs["student_bias"]
+            t, labels = inputs["teacher_logits"], inputs["labels"]
+            kd_weight = inputs["mask"].float() * 0.7
+            ce_weight = torch.full((n,), 0.3, device=device)
+            rows, d_h, d_w, d_b = linear_kl_tiled(
+                h, w, b, t, labels, kd_weight, ce_weight, 2.0, reverse, True,
+                stats_config=stats_config, grad_config=grad_config)
+
+            h64, w64, b64 = (x.detach().double().cpu().requires_grad_() for x in (h, w, b))
+            z = h64 @ w64.T + b64
+            log_p = torch.log_softmax(z / 2.0, -1)
+            log_q = torch.log_softmax(t.double().cpu() / 2.0, -1)
+            kl = ((log_p.exp() * (log_p - log_q)) if reverse else (log_q.exp() * (log_q - log_p))).sum(-1)
+            ce = torch.nn.functional.cross_entropy(z, labels.cpu(), reduction="none")
+            want = kd_weight.double().cpu() * kl + 0.3 * ce
+            want.sum().backward()
+            assert_close_to_reference(rows, want, tol, f"{dtype} rows")
+            for name, got, ref in (("hidden", d_h, h64.grad), ("weight", d_w, w64.grad),
+                                   ("bias", d_b, b64.grad)):
+                assert_close_to_reference(got, ref, tol, f"{dtype} d {name}")

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import cex_kernels
 from cex_kernels import reference
-from conftest import assert_close_to_reference, backend_cases, skip_unsupported
+from conftest import (assert_close_to_reference, backend_cases, math_mode_dtypes,
+                      no_triton_reason, skip_unsupported, triton_device)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -206,14 +207,38 @@ def test_fuzz_shapes(n, d_t, d_s, reduction, backend, seed):
 @settings(max_examples=15, deadline=None)
 @given(n=st.integers(1, 40), d_t=st.integers(1, 40), d_s=st.integers(1, 40))
 def test_fuzz_shapes_triton(n, d_t, d_s):
-    cases = [c.values for c in backend_cases() if c.values[1] == "triton"]
-    if not cases:
-        pytest.skip("no triton backend here")
-    device = cases[0][0]
+    device = triton_device()
+    if device is None:
+        pytest.skip(no_triton_reason())
     s, t, p = make_inputs((n,), d_t, d_s, torch.float32, device, seed=n * 7 + d_t)
     loss = cex_kernels.projected_mse(s, t, p, reduction="none", backend="triton")
     expected = reference.projected_mse(s.double(), t.double(), p.double(), "none")
     assert_close_to_reference(loss, expected, torch.float32, "fuzz triton")
+
+
+def _gpu_config_cases():
+    from cex_kernels.triton.projected_mse import CONFIGS
+    return [pytest.param(mode, cfg, id=f"{mode}-{'x'.join(map(str, cfg[:3]))}-g{cfg[3]}-w{cfg[4]}-s{cfg[5]}")
+            for mode, configs in CONFIGS.items() for cfg in configs]
+
+
+@pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
+@pytest.mark.parametrize("mode,config", _gpu_config_cases())
+# (N, d_t, d_s): sizes every block divides, with enough row tiles for several GROUP_M
+# groups; then sizes no block divides (row, K and column tails).
+@pytest.mark.parametrize("shape", [(2100, 256, 256), (130, 200, 100)], ids=["divisible", "tails"])
+def test_every_gpu_config(mode, config, shape):
+    """Each block shape the GPU autotuner may pick computes the same function: launched
+    directly with that config (under the interpreter without a GPU)."""
+    from cex_kernels.triton.projected_mse import projected_mse_fwd
+    device = triton_device()
+    with math_mode_dtypes(mode, device) as dtypes:
+        for dtype, tol_dtype in dtypes:
+            s, t, p = make_inputs((shape[0],), shape[1], shape[2], dtype, device, seed=5)
+            row_sq, grad = projected_mse_fwd(s, t, p, 0.5, True, config=config)
+            diff = s.double() - t.double() @ p.double()
+            assert_close_to_reference(row_sq, (diff * diff).sum(1), tol_dtype, f"{dtype} rows")
+            assert_close_to_reference(grad, 0.5 * diff, tol_dtype, f"{dtype} grad")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 import cex_kernels
 from cex_kernels import reference
-from conftest import assert_close_to_reference, backend_cases, skip_unsupported
+from conftest import (assert_close_to_reference, backend_cases, no_triton_reason,
+                      skip_unsupported, triton_device)
 
 # The Triton interpreter warns on the -inf - (-inf) of masked lanes; those lanes are discarded.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -334,10 +335,10 @@ def test_fuzz_shapes(n, V, beta, reduction, backend, temperature, seed):
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 6), V=st.integers(1, 200), beta=st.sampled_from([0.0, 0.4, 1.0]))
 def test_fuzz_shapes_triton(n, V, beta):
-    cases = [c.values for c in backend_cases() if c.values[1] == "triton"]
-    if not cases:
-        pytest.skip("no triton backend here")
-    s, t = make_logits((n,), V, torch.float32, cases[0][0], seed=n * 7 + V)
+    device = triton_device()
+    if device is None:
+        pytest.skip(no_triton_reason())
+    s, t = make_logits((n,), V, torch.float32, device, seed=n * 7 + V)
     loss = cex_kernels.jsd(s, t, beta=beta, reduction="none", backend="triton")
     ref = reference.jsd(s.double().cpu(), t.double().cpu(), beta=beta, reduction="none")
     assert_close_to_reference(loss, ref, torch.float32, "fuzz triton")
@@ -408,6 +409,30 @@ def test_torch_compile_inductor_cpu():
     ref.backward()
     assert_close_to_reference(loss, ref, torch.float32, "inductor loss")
     assert_close_to_reference(s.grad, rs.grad, torch.float32, "inductor grad")
+
+
+def _gpu_configs():
+    from cex_kernels.triton.softmax_kl import CONFIGS
+    return CONFIGS
+
+
+@pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
+@pytest.mark.parametrize("config", _gpu_configs(), ids=lambda c: f"V{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("V", [4096, 5003], ids=["V-divisible", "V-tail"])
+@pytest.mark.parametrize("beta", [0.0, 0.5], ids=["kl", "jsd"])
+def test_every_gpu_config(config, V, beta):
+    """Each chunk size the GPU autotuner may pick computes the same rows and gradients,
+    launched directly with that config (under the interpreter without a GPU)."""
+    from cex_kernels.triton.softmax_kl import softmax_kl_fwd
+    device = triton_device()
+    for dtype in (torch.float32, torch.bfloat16):
+        s, t = make_logits((3,), V, dtype, device, seed=V)
+        weight = torch.tensor([0.5, 0.0, 2.0], device=device)
+        got = softmax_kl_fwd(s, t, weight, 0.5, beta, True, True, config=config)
+        want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 0.5, beta,
+                                         True, True)
+        for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
+            assert_close_to_reference(g, w, dtype, f"{name} {dtype}")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

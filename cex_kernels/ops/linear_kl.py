@@ -19,8 +19,8 @@ the gradients for a unit upstream gradient and backward scales them. ``reduction
 cannot pre-sum ``d weight`` without the per-row upstream gradient, so there the forward
 pass computes only the loss and backward runs the chunks again with the upstream weights.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
+# schema from string annotations.
 from typing import Optional, Tuple
 
 import torch

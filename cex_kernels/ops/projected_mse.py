@@ -11,8 +11,8 @@ scales it in place by the incoming gradient, so the extra memory is that one (N,
 tensor. When the teacher or the projection need gradients too, backward turns the same
 tensor into them with two GEMMs: dT = -dS @ Pᵀ and dP = -Tᵀ @ dS.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
+# schema from string annotations.
 from typing import Tuple
 
 import torch

@@ -18,8 +18,8 @@ Gradient-in-forward: the kernel writes the logits' gradients while it has the ro
 cache, scaled for the reduction; backward only multiplies them by the upstream gradient,
 in place when the graph is being freed (as ``projected_mse`` does).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
+# schema from string annotations.
 from typing import Optional, Tuple
 
 import torch

@@ -1,5 +1,12 @@
 """Small helpers shared by the Triton launchers."""
+import contextlib
+import os
+
 import torch
+
+# CEX_TRITON_AUTOTUNE=0 launches each kernel's first config without autotuning (test runs
+# on a GPU, where autotuning every small shape would only cost compile time).
+AUTOTUNE = os.environ.get("CEX_TRITON_AUTOTUNE", "1") != "0"
 
 
 def dot_input_precision(dtype: torch.dtype) -> str:
@@ -8,6 +15,12 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def on_device(device: torch.device):
+    """Launch on ``device``: Triton launches on the current CUDA device, so make it the
+    tensors' one; nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,

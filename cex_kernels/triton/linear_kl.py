@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import aot_spec, dot_input_precision
+from cex_kernels.triton._common import aot_spec, dot_input_precision, on_device
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
 # (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
@@ -215,18 +215,21 @@ def linear_kl_grad_kernel(
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
 
 
+def math_mode(dtype: torch.dtype) -> str:
+    """tensor_core (fp16/bf16), tf32 (fp32 with TF32 allowed) or fp32 (exact)."""
+    if dtype != torch.float32:
+        return "tensor_core"
+    return "fp32" if dot_input_precision(dtype) == "ieee" else "tf32"
+
+
 def _config(table, tensors, sizes):
     """The block shape for these inputs: by math mode and by 16-alignment."""
     first = tensors[0]
     if first.device.type == "cpu":
         return INTERPRETER_CONFIG
-    if first.dtype != torch.float32:
-        kind = "tensor_core"
-    else:
-        kind = "fp32" if dot_input_precision(first.dtype) == "ieee" else "tf32"
     aligned = (all(x % 16 == 0 for x in sizes)
                and all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors))
-    return table[(kind, aligned)]
+    return table[(math_mode(first.dtype), aligned)]
 
 
 def _merge(m, l, x):
@@ -238,12 +241,16 @@ def _merge(m, l, x):
 
 
 def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_weight,
-                    temperature: float, reverse: bool, want_grad: bool):
+                    temperature: float, reverse: bool, want_grad: bool, *,
+                    stats_config=None, grad_config=None):
     """Row losses (fp32) and, when ``want_grad``, d hidden / d weight / d bias (fp32).
 
     2-D inputs of one dtype (fp32/fp16/bf16) with unit stride along their last dimension
     (the kernels are compiled for that layout); ``kd_weight``/``ce_weight`` (N,) fp32 row
     weights (``ce_weight`` None: no hard-label term); ``labels`` int64 (N,) or None.
+    ``stats_config`` / ``grad_config`` force a block shape (a tuple as in STATS_CONFIG /
+    GRAD_CONFIG) on any device, the interpreter included, as the tests do to check every
+    GPU config; by default the tables pick one by math mode and alignment.
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -256,7 +263,7 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     common = dict(HAS_BIAS=bias is not None, NEED_CE=need_ce, INPUT_PRECISION=precision)
 
     layout = ((hidden, weight, teacher_logits), (n_rows, vocab, hidden_size))
-    bm, bv, bk, warps, stages = _config(STATS_CONFIG, *layout)
+    bm, bv, bk, warps, stages = stats_config or _config(STATS_CONFIG, *layout)
     row_blocks = triton.cdiv(n_rows, bm)
     if device.type == "cuda":  # enough programs to fill the GPU twice
         sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -267,11 +274,11 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     splits = triton.cdiv(vocab, v_per_split)
     stats = torch.empty((splits, N_STATS, n_rows), dtype=torch.float32, device=device)
     strides = (*hidden.stride(), *weight.stride(), *teacher_logits.stride())
-    launch = {} if device.type == "cpu" else dict(num_warps=warps, num_stages=stages)
-    linear_kl_stats_kernel[(row_blocks, splits)](
-        hidden, weight, bias_arg, teacher_logits, labels_arg, stats, n_rows, vocab,
-        hidden_size, v_per_split, *strides, inv_t, **common, BLOCK_M=bm, BLOCK_V=bv,
-        BLOCK_K=bk, **launch)
+    with on_device(device):
+        linear_kl_stats_kernel[(row_blocks, splits)](
+            hidden, weight, bias_arg, teacher_logits, labels_arg, stats, n_rows, vocab,
+            hidden_size, v_per_split, *strides, inv_t, **common, BLOCK_M=bm, BLOCK_V=bv,
+            BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
     m_s, l_s, x_r = _merge(stats[:, 0], stats[:, 1], stats[:, 2])
     m_t, l_t, x_f = _merge(stats[:, 3], stats[:, 4], stats[:, 5])
@@ -293,12 +300,12 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     d_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
     d_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
     d_bias = torch.zeros((vocab,), dtype=torch.float32, device=device) if bias is not None else d_weight
-    bm, bv, bk, warps, stages = _config(GRAD_CONFIG, *layout)
-    launch = {} if device.type == "cpu" else dict(num_warps=warps, num_stages=stages)
-    linear_kl_grad_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(vocab, bv))](
-        hidden, weight, bias_arg, teacher_logits, labels_arg, row_values, d_hidden, d_weight,
-        d_bias, n_rows, vocab, hidden_size, *strides, inv_t, REVERSE=reverse, **common,
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **launch)
+    bm, bv, bk, warps, stages = grad_config or _config(GRAD_CONFIG, *layout)
+    with on_device(device):
+        linear_kl_grad_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(vocab, bv))](
+            hidden, weight, bias_arg, teacher_logits, labels_arg, row_values, d_hidden,
+            d_weight, d_bias, n_rows, vocab, hidden_size, *strides, inv_t, REVERSE=reverse,
+            **common, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return rows, d_hidden, d_weight, d_bias if bias is not None else None
 
 

@@ -16,17 +16,16 @@ It is an ordinary tiled GEMM (grouped program order so programs that share teach
 run together and hit L2), whose epilogue loads the matching student tile, subtracts,
 squares, reduces along the row and writes the scaled gradient. Row sums are written per
 column tile (no atomics: deterministic) and summed over the few column tiles afterwards.
-Tuned for N=16384, d_t=4096, d_s=1024 in bf16 on H100 and N=8192, d_t=1024, d_s=256.
+The configs target N=16384, d_t=4096, d_s=1024 in bf16 and N=8192, d_t=1024, d_s=256; they
+are chosen from the ahead-of-time compile and not yet timed on a GPU (bench/NOTES.md).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import aot_spec, dot_input_precision
+from cex_kernels.triton._common import AUTOTUNE, aot_spec, dot_input_precision, on_device
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
 # without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 (checked by `cex aot`); the
@@ -55,9 +54,6 @@ FP32_CONFIGS = [
     (64, 64, 32, 8, 4, 2),
     (32, 64, 32, 8, 4, 3),
 ]
-# CEX_TRITON_AUTOTUNE=0 launches the first config of the list without autotuning (test runs
-# on a GPU, where autotuning every small shape would only cost compile time).
-AUTOTUNE = os.environ.get("CEX_TRITON_AUTOTUNE", "1") != "0"
 # Under the interpreter (CPU tests) one small config, and no autotuning.
 INTERPRETER_CONFIG = (16, 16, 16, 4, 1, 1)
 MIN_BLOCK_N = min(c[1] for c in TENSOR_CORE_CONFIGS + TF32_CONFIGS + FP32_CONFIGS
@@ -146,20 +142,28 @@ _with_even_flags = triton.heuristics({
     "EVEN_K": lambda args: args["d_t"] % args["BLOCK_K"] == 0,
     "EVEN_N": lambda args: args["d_s"] % args["BLOCK_N"] == 0,
 })(projected_mse_fwd_kernel)
-projected_mse_fwd_tensor_core = triton.autotune(
-    configs=[_triton_config(*c) for c in TENSOR_CORE_CONFIGS], key=["d_t", "d_s"],
-)(_with_even_flags)
-projected_mse_fwd_tf32 = triton.autotune(
-    configs=[_triton_config(*c) for c in TF32_CONFIGS], key=["d_t", "d_s"],
-)(_with_even_flags)
-projected_mse_fwd_fp32 = triton.autotune(
-    configs=[_triton_config(*c) for c in FP32_CONFIGS], key=["d_t", "d_s"],
-)(_with_even_flags)
+# One autotuner per math mode, each over that mode's configs.
+CONFIGS = {"tensor_core": TENSOR_CORE_CONFIGS, "tf32": TF32_CONFIGS, "fp32": FP32_CONFIGS}
+_AUTOTUNED = {mode: triton.autotune(configs=[_triton_config(*c) for c in configs],
+                                    key=["d_t", "d_s"])(_with_even_flags)
+              for mode, configs in CONFIGS.items()}
+
+
+def math_mode(dtype: torch.dtype) -> str:
+    """tensor_core (fp16/bf16), tf32 (fp32 with TF32 allowed) or fp32 (exact)."""
+    if dtype != torch.float32:
+        return "tensor_core"
+    return "fp32" if dot_input_precision(dtype) == "ieee" else "tf32"
 
 
 def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
-                      grad_scale: float, compute_grad: bool):
+                      grad_scale: float, compute_grad: bool, *, config=None):
     """Launch the fused kernel. 2-D inputs of one dtype, any strides.
+
+    By default a GPU autotunes over the configs of the inputs' math mode (or takes its
+    first config with CEX_TRITON_AUTOTUNE=0) and the interpreter runs INTERPRETER_CONFIG.
+    ``config`` (a tuple as in the lists above) forces one block shape on any device, the
+    interpreter included: the tests run every GPU config that way.
 
     Returns ``(row_sq_err float32 (N,), grad (N, d_s) in the student's dtype or empty)``.
     """
@@ -182,27 +186,23 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
     args = (student, teacher, projection, grad if compute_grad else student, partial,
             n_rows, d_t, d_s, *student.stride(), *teacher.stride(), *projection.stride(),
             *g_strides, float(grad_scale))
-    precision = dot_input_precision(student.dtype)
-    flags = dict(WRITE_GRAD=compute_grad, INPUT_PRECISION=precision)
+    flags = dict(WRITE_GRAD=compute_grad, INPUT_PRECISION=dot_input_precision(student.dtype))
+    mode = math_mode(student.dtype)
+    if config is None and device.type == "cpu":  # the Triton interpreter
+        config = INTERPRETER_CONFIG
+    elif config is None and not AUTOTUNE:
+        config = CONFIGS[mode][0]
 
-    if device.type == "cpu":  # the Triton interpreter: one fixed small config
-        bm, bn, bk, gm, _, _ = INTERPRETER_CONFIG
-        grid = (triton.cdiv(n_rows, bm) * triton.cdiv(d_s, bn),)
-        _with_even_flags[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm)
-    else:
-        def grid(meta):
-            return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_s, meta["BLOCK_N"]),)
-        if student.dtype != torch.float32:
-            kernel = projected_mse_fwd_tensor_core
+    with on_device(device):
+        if config is not None:
+            bm, bn, bk, gm, warps, stages = config
+            grid = (triton.cdiv(n_rows, bm) * triton.cdiv(d_s, bn),)
+            _with_even_flags[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                   GROUP_M=gm, num_warps=warps, num_stages=stages)
         else:
-            kernel = projected_mse_fwd_fp32 if precision == "ieee" else projected_mse_fwd_tf32
-        with torch.cuda.device(device):
-            if AUTOTUNE:
-                kernel[grid](*args, **flags)
-            else:
-                config = kernel.configs[0]
-                kernel.fn[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
-                                num_stages=config.num_stages)
+            def grid(meta):
+                return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_s, meta["BLOCK_N"]),)
+            _AUTOTUNED[mode][grid](*args, **flags)
     return partial.sum(0), grad
 
 

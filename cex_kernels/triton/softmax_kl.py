@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import aot_spec
+from cex_kernels.triton._common import AUTOTUNE, aot_spec, on_device
 
 # (BLOCK_V, num_warps): 4..16 elements per thread per live tensor, so the JSD pass (seven
 # live chunk tensors) stays in registers. Autotuned on V.
@@ -159,8 +159,13 @@ softmax_kl_fwd_tuned = triton.autotune(
 
 
 def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
-                   inv_temperature: float, beta: float, grad_student: bool, grad_teacher: bool):
+                   inv_temperature: float, beta: float, grad_student: bool, grad_teacher: bool,
+                   *, config=None):
     """Launch one program per row. 2-D logits of one dtype, any strides; ``beta`` in [0, 1).
+
+    By default a GPU autotunes over CONFIGS (or takes the first with CEX_TRITON_AUTOTUNE=0)
+    and the interpreter runs INTERPRETER_CONFIG; ``config`` (a ``(BLOCK_V, num_warps)``
+    tuple) forces one on any device, as the tests do to check every GPU config.
 
     Returns ``(row_loss float32 (N,), grad_student, grad_teacher)``, the gradients
     contiguous in the logits' dtype or empty.
@@ -181,13 +186,16 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
             V if grad_student else 0, V if grad_teacher else 0,
             float(inv_temperature), float(beta), log_b, log_1mb)
     flags = dict(IS_JSD=is_jsd, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
-    if device.type == "cpu":  # the Triton interpreter
+    if config is None and device.type == "cpu":  # the Triton interpreter
         block_v, warps = INTERPRETER_CONFIG
-        if V > 4096:
-            block_v = INTERPRETER_LONG_ROW_BLOCK_V
-        softmax_kl_fwd_kernel[(n_rows,)](*args, **flags, BLOCK_V=block_v, num_warps=warps)
-    else:
-        with torch.cuda.device(device):
+        config = (INTERPRETER_LONG_ROW_BLOCK_V if V > 4096 else block_v, warps)
+    elif config is None and not AUTOTUNE:
+        config = CONFIGS[0]
+    with on_device(device):
+        if config is not None:
+            block_v, warps = config
+            softmax_kl_fwd_kernel[(n_rows,)](*args, **flags, BLOCK_V=block_v, num_warps=warps)
+        else:
             softmax_kl_fwd_tuned[(n_rows,)](*args, **flags)
     return row_loss, gs, gt
 
