@@ -21,12 +21,22 @@ except ImportError as _exc:  # a source checkout that was never built
 else:
     _C_IMPORT_ERROR = ""
 
+# The Triton kernels need Triton 3.6 or newer (the language and compiler APIs they use).
+# torch < 2.10 pins an older Triton for its own compiler, and a newer one breaks that
+# torch's torch.compile, so an older Triton is left alone: the triton backend is then
+# unavailable and "auto" uses the cuda and cpu kernels.
+MIN_TRITON = (3, 6)
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError:
     _HAS_TRITON = False
+    _TRITON_PROBLEM = "triton is not installed (`pip install 'triton>=3.6'`)"
 else:
-    _HAS_TRITON = True
+    _triton_version = tuple(int(p) for p in triton.__version__.split(".")[:2] if p.isdigit())
+    _HAS_TRITON = _triton_version >= MIN_TRITON
+    _TRITON_PROBLEM = (f"triton {triton.__version__} is older than 3.6, which the Triton "
+                       "kernels need (torch < 2.10 pins an older Triton; the cuda and cpu "
+                       "backends do not need it)")
 
 # The Triton interpreter is chosen when the kernels are decorated, i.e. at import time.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -36,8 +46,8 @@ def backends() -> dict:
     """What this install can run: ``{name: bool}`` for every backend.
 
     ``cuda`` is True when the CUDA kernels were compiled into ``cex_kernels._C`` (a GPU is
-    still needed to run them); ``triton`` when Triton imports (it runs on CUDA tensors, or on
-    CPU tensors under ``TRITON_INTERPRET=1``).
+    still needed to run them); ``triton`` when Triton 3.6 or newer imports (it runs on CUDA
+    tensors, or on CPU tensors under ``TRITON_INTERPRET=1``).
     """
     return {
         "triton": _HAS_TRITON,
@@ -55,7 +65,7 @@ def _unavailable_reason(name: str) -> str:
         return ("cex_kernels._C was built without CUDA (no nvcc or a CPU PyTorch at build "
                 "time); rebuild with CEX_FORCE_CUDA=1 on a CUDA machine")
     if name == "triton":
-        return "triton is not installed (`pip install triton`)"
+        return _TRITON_PROBLEM
     return "unknown reason"
 
 

@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+import cex_kernels
+from cex_kernels import _backends
 from conftest import RESOURCE_REPORTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,8 @@ def _triton_version(python):
                          ids=["this-venv"] + [os.path.basename(os.path.dirname(os.path.dirname(p)))
                                               for p in EXTRA_PYTHONS])
 def test_triton_kernels_compile_for_sm80_and_sm90(python, tmp_path):
-    pytest.importorskip("triton")
+    if not cex_kernels.backends()["triton"]:
+        pytest.skip(_backends._unavailable_reason("triton"))
     version = _triton_version(python)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, every time

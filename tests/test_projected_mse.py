@@ -217,6 +217,8 @@ def test_fuzz_shapes_triton(n, d_t, d_s):
 
 
 def _gpu_config_cases():
+    if triton_device() is None:  # the kernel modules need a usable Triton to import
+        return []
     from cex_kernels.triton.projected_mse import CONFIGS
     return [pytest.param(mode, cfg, id=f"{mode}-{'x'.join(map(str, cfg[:3]))}-g{cfg[3]}-w{cfg[4]}-s{cfg[5]}")
             for mode, configs in CONFIGS.items() for cfg in configs]

@@ -412,6 +412,8 @@ def test_torch_compile_inductor_cpu():
 
 
 def _gpu_configs():
+    if triton_device() is None:  # the kernel modules need a usable Triton to import
+        return []
     from cex_kernels.triton.softmax_kl import CONFIGS
     return CONFIGS
 
