@@ -17,6 +17,13 @@ def dot_input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def math_mode(dtype: torch.dtype) -> str:
+    """tensor_core (fp16/bf16), tf32 (fp32 with TF32 allowed) or fp32 (exact)."""
+    if dtype != torch.float32:
+        return "tensor_core"
+    return "fp32" if dot_input_precision(dtype) == "ieee" else "tf32"
+
+
 def on_device(device: torch.device):
     """Launch on ``device``: Triton launches on the current CUDA device, so make it the
     tensors' one; nothing to do for CPU tensors (the interpreter)."""

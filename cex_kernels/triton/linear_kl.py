@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import aot_spec, dot_input_precision, on_device
+from cex_kernels.triton._common import aot_spec, dot_input_precision, math_mode, on_device
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
 # (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
@@ -213,13 +213,6 @@ def linear_kl_grad_kernel(
                       mask=col_mask[:, None] & k_mask[None, :])
     if HAS_BIAS:
         tl.atomic_add(db_ptr + cols, tl.sum(g, axis=0), mask=col_mask)
-
-
-def math_mode(dtype: torch.dtype) -> str:
-    """tensor_core (fp16/bf16), tf32 (fp32 with TF32 allowed) or fp32 (exact)."""
-    if dtype != torch.float32:
-        return "tensor_core"
-    return "fp32" if dot_input_precision(dtype) == "ieee" else "tf32"
 
 
 def _config(table, tensors, sizes):

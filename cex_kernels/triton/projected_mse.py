@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cex_kernels.triton._common import AUTOTUNE, aot_spec, dot_input_precision, on_device
+from cex_kernels.triton._common import (AUTOTUNE, aot_spec, dot_input_precision, math_mode,
+                                        on_device)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
 # without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 (checked by `cex aot`); the
@@ -147,13 +148,6 @@ CONFIGS = {"tensor_core": TENSOR_CORE_CONFIGS, "tf32": TF32_CONFIGS, "fp32": FP3
 _AUTOTUNED = {mode: triton.autotune(configs=[_triton_config(*c) for c in configs],
                                     key=["d_t", "d_s"])(_with_even_flags)
               for mode, configs in CONFIGS.items()}
-
-
-def math_mode(dtype: torch.dtype) -> str:
-    """tensor_core (fp16/bf16), tf32 (fp32 with TF32 allowed) or fp32 (exact)."""
-    if dtype != torch.float32:
-        return "tensor_core"
-    return "fp32" if dot_input_precision(dtype) == "ieee" else "tf32"
 
 
 def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
