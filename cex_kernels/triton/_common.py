@@ -31,7 +31,8 @@ def on_device(device: torch.device):
 
 
 def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
-             num_warps: int, num_stages: int, vector_loads: bool = False) -> dict:
+             num_warps: int, num_stages: int, vector_loads: bool = False,
+             tensor_cores: bool = False) -> dict:
     """One ahead-of-time compile spec for ``cex_kernels.triton.aot``.
 
     Every argument is an ``i32`` unless ``types`` says otherwise; ``constexprs`` become
@@ -40,6 +41,8 @@ def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
     ``vector_loads``: the compile must load its 16-bit tensors with vector loads and stage
     them through shared memory in 16-byte async copies (a GEMM whose operand loads fell
     back to scalar loads cannot be pipelined, and is several times slower).
+    ``tensor_cores``: its products must run on the tensor cores' fastest instruction for
+    the target: ``wgmma`` on sm_90, ``mma.sync`` on sm_80.
     """
     arg_names = kernel.arg_names
     signature = {arg: "i32" for arg in arg_names}
@@ -48,4 +51,4 @@ def aot_spec(kernel, name: str, types: dict, constexprs: dict, divisible=(), *,
     attrs = {(arg_names.index(arg),): [["tt.divisibility", 16]] for arg in divisible}
     return dict(name=name, kernel=kernel, signature=signature, constexprs=dict(constexprs),
                 attrs=attrs, num_warps=num_warps, num_stages=num_stages,
-                vector_loads=vector_loads)
+                vector_loads=vector_loads, tensor_cores=tensor_cores)

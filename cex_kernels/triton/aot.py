@@ -7,9 +7,9 @@ the check that they really compile. For each kernel spec listed by a module's
 ``aot_specs()`` (every autotune config of every dtype) and each compute capability it runs
 ``triton.compile(..., target=GPUTarget("cuda", cc, 32))``, then reads the resource usage of the cubin
 (registers per thread, stack/local bytes = spills, shared memory) and, for specs that ask for
-it, checks the PTX for operand loads that fell back to scalar loads. Exit status 1 when a
-compile fails, a kernel spills, shared memory exceeds the device limit, or loads that must be
-vectorized are not.
+it, checks the PTX for operand loads that fell back to scalar loads and for products off the
+tensor cores' fastest instruction (wgmma on sm_90). Exit status 1 when a compile fails, a
+kernel spills, shared memory exceeds the device limit, or a spec's PTX check fails.
 Must run with TRITON_INTERPRET unset (the kernels must be real JIT functions).
 """
 from __future__ import annotations
@@ -94,6 +94,10 @@ def compile_one(module_name: str, spec_name: str, cc: int) -> dict:
         if row["stack_bytes"] or row["local_bytes"]:
             problems.append(f"register spills: stack {row['stack_bytes']}B, "
                             f"local {row['local_bytes']}B")
+        if spec.get("tensor_cores"):
+            needed = "wgmma.mma_async" if cc >= 90 else "mma.sync"
+            if needed not in compiled.asm["ptx"]:
+                problems.append(f"no {needed}: the products are off the fast tensor-core path")
         if spec.get("vector_loads"):
             narrow = _narrow_loads(compiled.asm["ptx"])
             if narrow:

@@ -36,11 +36,14 @@ from cex_kernels.triton._common import aot_spec, dot_input_precision, math_mode,
 
 # (BLOCK_M, BLOCK_V, BLOCK_K, num_warps, num_stages) per kernel, math mode and alignment
 # (aligned: sizes and row strides divisible by 16, as the JIT specializes them). Each one
-# compiles without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 (`cex aot`); the
+# compiles without spills for sm_80 and sm_90 with Triton 3.6 to 3.9 (`cex aot`); the
 # stats kernel keeps three online reductions beside its logit tile, hence the small tiles.
+# Aligned configs have 64-row blocks, the least wgmma (Hopper's tensor-core instruction)
+# takes; 32-row blocks run on the older mma.sync. The unaligned ones keep 32 rows: 64
+# spill there.
 STATS_CONFIG = {
     ("tensor_core", True): (64, 64, 64, 8, 3), ("tensor_core", False): (32, 64, 64, 8, 2),
-    ("tf32", True): (32, 64, 32, 8, 2), ("tf32", False): (32, 64, 64, 8, 2),
+    ("tf32", True): (64, 64, 32, 8, 2), ("tf32", False): (32, 64, 64, 8, 2),
     ("fp32", True): (32, 64, 32, 4, 2), ("fp32", False): (32, 64, 32, 8, 1),
 }
 GRAD_CONFIG = {
@@ -325,7 +328,10 @@ def _aot_spec(kernel, name, dtype, config, constexprs, aligned):
     return aot_spec(kernel, f"{name}[{dtype},{label},{bm}x{bv}x{bk},w{warps}"
                             f"{'' if aligned else ',unaligned'}]", types, constexprs, divisible,
                     num_warps=warps, num_stages=stages,
-                    vector_loads=aligned and constexprs["INPUT_PRECISION"] != "tf32")
+                    vector_loads=aligned and constexprs["INPUT_PRECISION"] != "tf32",
+                    # wgmma needs 64-row blocks, which spill on the unaligned (masked) path.
+                    tensor_cores=aligned and (dtype != "fp32"
+                                              or constexprs["INPUT_PRECISION"] == "tf32"))
 
 
 def aot_specs():

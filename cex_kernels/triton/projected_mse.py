@@ -227,7 +227,8 @@ def _aot_spec(dtype, precision, config, layout="aligned"):
                     # TF32 wgmma reads B only K-major, so on sm_90 Triton stages the
                     # row-major projection with 4-byte copies; every other aligned case
                     # must stream both operands in 16-byte copies.
-                    vector_loads=layout != "generic" and precision != "tf32")
+                    vector_loads=layout != "generic" and precision != "tf32",
+                    tensor_cores=dtype != "fp32" or precision == "tf32")
 
 
 def aot_specs():
