@@ -243,6 +243,39 @@ def test_every_gpu_config(mode, config, shape):
             assert_close_to_reference(grad, 0.5 * diff, tol_dtype, f"{dtype} grad")
 
 
+@pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
+def test_autotuning_call_returns_the_right_loss(monkeypatch):
+    """The call that autotunes benchmarks every config on the real buffers first. With a
+    stand-in timer that makes a config with wider column tiles win after narrower ones ran,
+    nothing the losers wrote may leak into the loss (the per-column-tile partial sums)."""
+    from cex_kernels.triton import projected_mse as kernels
+    device = triton_device()
+    tuner = kernels._AUTOTUNED["fp32"]
+    widths = [cfg[1] for cfg in kernels.FP32_CONFIGS]
+    assert max(widths) > min(widths) and widths.index(max(widths)) > widths.index(min(widths))
+    runs = iter(range(len(widths)))
+
+    def timer(kernel_call, quantiles=None):
+        kernel_call()
+        ms = 1.0 if widths[next(runs)] == max(widths) else 5.0  # the widest tiles "win"
+        return [ms, ms, ms]
+
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached timer
+    monkeypatch.setattr(tuner, "_do_bench", timer)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        s, t, p = make_inputs((70,), 96, 192, torch.float32, device, seed=9)
+        row_sq, grad = kernels.projected_mse_fwd(s, t, p, 1.0, True, autotune=True)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert tuner.cache, "the autotuner did not run"
+    diff = s.double() - t.double() @ p.double()
+    assert_close_to_reference(row_sq, (diff * diff).sum(1), torch.float32, "autotuned rows")
+    assert_close_to_reference(grad, diff, torch.float32, "autotuned grad")
+
+
 @pytest.mark.parametrize("device,backend", backend_cases())
 def test_backward_scales_the_forward_gradient_in_place(device, backend):
     """Gradient-in-forward: a plain backward hands the student the buffer the forward wrote."""
