@@ -110,6 +110,24 @@ def math_mode_dtypes(mode: str, device: str):
         torch.set_float32_matmul_precision(saved)
 
 
+def stand_in_autotune_timer(monkeypatch, tuner, winner: int):
+    """Make ``tuner`` (a ``triton.autotune`` object) tune afresh with a timer that runs each
+    config once and reports config number ``winner`` fastest, on any device: the
+    interpreter has no GPU timer. Returns a callable giving the configs timed so far."""
+    timed = []
+
+    def timer(kernel_call, quantiles=None):
+        kernel_call()
+        timed.append(len(timed))
+        ms = 1.0 if timed[-1] == winner else 5.0
+        return [ms, ms, ms]
+
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached timer
+    monkeypatch.setattr(tuner, "_do_bench", timer)
+    return lambda: len(timed)
+
+
 def no_triton_reason():
     """Why ``triton_device()`` is None (for skipif reasons)."""
     return INTERPRETER_BROKEN or "Triton is not installed or cannot run here"

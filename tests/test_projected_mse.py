@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 import cex_kernels
 from cex_kernels import reference
 from conftest import (assert_close_to_reference, backend_cases, math_mode_dtypes,
-                      no_triton_reason, skip_unsupported, triton_device)
+                      no_triton_reason, skip_unsupported, stand_in_autotune_timer,
+                      triton_device)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -250,19 +251,10 @@ def test_autotuning_call_returns_the_right_loss(monkeypatch):
     nothing the losers wrote may leak into the loss (the per-column-tile partial sums)."""
     from cex_kernels.triton import projected_mse as kernels
     device = triton_device()
-    tuner = kernels._AUTOTUNED["fp32"]
     widths = [cfg[1] for cfg in kernels.FP32_CONFIGS]
-    assert max(widths) > min(widths) and widths.index(max(widths)) > widths.index(min(widths))
-    runs = iter(range(len(widths)))
-
-    def timer(kernel_call, quantiles=None):
-        kernel_call()
-        ms = 1.0 if widths[next(runs)] == max(widths) else 5.0  # the widest tiles "win"
-        return [ms, ms, ms]
-
-    monkeypatch.setattr(tuner, "cache", {})
-    monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached timer
-    monkeypatch.setattr(tuner, "_do_bench", timer)
+    winner = widths.index(max(widths))
+    assert min(widths[:winner], default=max(widths)) < max(widths)  # narrower ones run first
+    timed = stand_in_autotune_timer(monkeypatch, kernels._AUTOTUNED["fp32"], winner)
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
@@ -270,7 +262,7 @@ def test_autotuning_call_returns_the_right_loss(monkeypatch):
         row_sq, grad = kernels.projected_mse_fwd(s, t, p, 1.0, True, autotune=True)
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert tuner.cache, "the autotuner did not run"
+    assert timed() == len(widths), "the autotuner did not time every config"
     diff = s.double() - t.double() @ p.double()
     assert_close_to_reference(row_sq, (diff * diff).sum(1), torch.float32, "autotuned rows")
     assert_close_to_reference(grad, diff, torch.float32, "autotuned grad")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import cex_kernels
 from cex_kernels import reference
 from conftest import (assert_close_to_reference, backend_cases, no_triton_reason,
-                      skip_unsupported, triton_device)
+                      skip_unsupported, stand_in_autotune_timer, triton_device)
 
 # The Triton interpreter warns on the -inf - (-inf) of masked lanes; those lanes are discarded.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -435,6 +435,23 @@ def test_every_gpu_config(config, V, beta):
                                          True, True)
         for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
             assert_close_to_reference(g, w, dtype, f"{name} {dtype}")
+
+
+@pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
+def test_autotuned_launch(monkeypatch):
+    """The autotuned launch (a GPU's default) gives the same rows and gradients, whichever
+    config wins, on the call that tunes: driven with a stand-in timer."""
+    from cex_kernels.triton import softmax_kl as kernels
+    device = triton_device()
+    s, t = make_logits((3,), 5003, torch.float32, device, seed=4)
+    weight = torch.tensor([1.0, 0.0, 0.5], device=device)
+    want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 1.0, 0.3, True, True)
+    for winner in range(len(kernels.CONFIGS)):
+        timed = stand_in_autotune_timer(monkeypatch, kernels.softmax_kl_fwd_tuned, winner)
+        got = kernels.softmax_kl_fwd(s, t, weight, 1.0, 0.3, True, True, autotune=True)
+        assert timed() == len(kernels.CONFIGS)
+        for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
+            assert_close_to_reference(g, w, torch.float32, f"{name}, config {winner} won")
 
 
 @pytest.mark.parametrize("device,backend", backend_cases())

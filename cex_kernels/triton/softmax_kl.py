@@ -160,12 +160,14 @@ softmax_kl_fwd_tuned = triton.autotune(
 
 def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
                    inv_temperature: float, beta: float, grad_student: bool, grad_teacher: bool,
-                   *, config=None):
+                   *, config=None, autotune=None):
     """Launch one program per row. 2-D logits of one dtype, any strides; ``beta`` in [0, 1).
 
     By default a GPU autotunes over CONFIGS (or takes the first with CEX_TRITON_AUTOTUNE=0)
     and the interpreter runs INTERPRETER_CONFIG; ``config`` (a ``(BLOCK_V, num_warps)``
-    tuple) forces one on any device, as the tests do to check every GPU config.
+    tuple) forces one on any device, as the tests do to check every GPU config;
+    ``autotune=True`` forces the autotuner (the tests give it a stand-in timer under the
+    interpreter).
 
     Returns ``(row_loss float32 (N,), grad_student, grad_teacher)``, the gradients
     contiguous in the logits' dtype or empty.
@@ -186,11 +188,14 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
             V if grad_student else 0, V if grad_teacher else 0,
             float(inv_temperature), float(beta), log_b, log_1mb)
     flags = dict(IS_JSD=is_jsd, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
-    if config is None and device.type == "cpu":  # the Triton interpreter
-        block_v, warps = INTERPRETER_CONFIG
-        config = (INTERPRETER_LONG_ROW_BLOCK_V if V > 4096 else block_v, warps)
-    elif config is None and not AUTOTUNE:
-        config = CONFIGS[0]
+    if autotune is None:
+        autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
+    if config is None and not autotune:
+        if device.type == "cpu":
+            block_v, warps = INTERPRETER_CONFIG
+            config = (INTERPRETER_LONG_ROW_BLOCK_V if V > 4096 else block_v, warps)
+        else:
+            config = CONFIGS[0]
     with on_device(device):
         if config is not None:
             block_v, warps = config
