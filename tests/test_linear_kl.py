@@ -283,7 +283,10 @@ def _tiled_gpu_config_cases():
 # (N, H, V): sizes divisible by 16 (what the aligned configs are chosen for), then odd ones.
 @pytest.mark.parametrize("shape", [(160, 64, 320), (70, 40, 203)], ids=["aligned", "odd"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-def test_tiled_every_gpu_config(mode, stats_config, grad_config, shape, reverse):
+# Vocabulary splits merged on the host: the interpreter's default 2, and one per tile (a
+# GPU splits a short batch's vocabulary that finely).
+@pytest.mark.parametrize("splits", [None, 1000], ids=["2-splits", "split-per-tile"])
+def test_tiled_every_gpu_config(mode, stats_config, grad_config, shape, reverse, splits):
     """Each block shape the tiled kernels launch with on a GPU computes the same losses and
     gradients, launched directly with that config (under the interpreter without a GPU)."""
     from cex_kernels.triton.linear_kl import linear_kl_tiled
@@ -298,7 +301,7 @@ def test_tiled_every_gpu_config(mode, stats_config, grad_config, shape, reverse)
             ce_weight = torch.full((n,), 0.3, device=device)
             rows, d_h, d_w, d_b = linear_kl_tiled(
                 h, w, b, t, labels, kd_weight, ce_weight, 2.0, reverse, True,
-                stats_config=stats_config, grad_config=grad_config)
+                stats_config=stats_config, grad_config=grad_config, splits=splits)
 
             h64, w64, b64 = (x.detach().double().cpu().requires_grad_() for x in (h, w, b))
             z = h64 @ w64.T + b64

@@ -238,7 +238,7 @@ def _merge(m, l, x):
 
 def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_weight,
                     temperature: float, reverse: bool, want_grad: bool, *,
-                    stats_config=None, grad_config=None):
+                    stats_config=None, grad_config=None, splits=None):
     """Row losses (fp32) and, when ``want_grad``, d hidden / d weight / d bias (fp32).
 
     2-D inputs of one dtype (fp32/fp16/bf16) with unit stride along their last dimension
@@ -246,7 +246,9 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     weights (``ce_weight`` None: no hard-label term); ``labels`` int64 (N,) or None.
     ``stats_config`` / ``grad_config`` force a block shape (a tuple as in STATS_CONFIG /
     GRAD_CONFIG) on any device, the interpreter included, as the tests do to check every
-    GPU config; by default the tables pick one by math mode and alignment.
+    GPU config; by default the tables pick one by math mode and alignment. ``splits``
+    forces the number of vocabulary splits (by default enough programs to fill a GPU twice;
+    2 under the interpreter).
     """
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -261,11 +263,12 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     layout = ((hidden, weight, teacher_logits), (n_rows, vocab, hidden_size))
     bm, bv, bk, warps, stages = stats_config or _config(STATS_CONFIG, *layout)
     row_blocks = triton.cdiv(n_rows, bm)
-    if device.type == "cuda":  # enough programs to fill the GPU twice
+    if splits is None and device.type == "cuda":  # enough programs to fill the GPU twice
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, min(triton.cdiv(2 * sms, row_blocks), triton.cdiv(vocab, bv)))
-    else:
-        splits = min(2, triton.cdiv(vocab, bv))  # exercise the merge under the interpreter
+        splits = triton.cdiv(2 * sms, row_blocks)
+    elif splits is None:
+        splits = 2  # exercise the merge under the interpreter
+    splits = max(1, min(splits, triton.cdiv(vocab, bv)))
     v_per_split = triton.cdiv(triton.cdiv(vocab, splits), bv) * bv
     splits = triton.cdiv(vocab, v_per_split)
     stats = torch.empty((splits, N_STATS, n_rows), dtype=torch.float32, device=device)
