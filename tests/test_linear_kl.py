@@ -4,8 +4,8 @@ import torch
 
 import cex_kernels
 from cex_kernels import reference
-from conftest import (assert_close_to_reference, backend_cases, math_mode_dtypes,
-                      no_triton_reason, skip_unsupported, triton_device)
+from conftest import (HAS_CUDA, assert_close_to_reference, backend_cases,
+                      math_mode_dtypes, no_triton_reason, skip_unsupported, triton_device)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
@@ -112,9 +112,10 @@ def test_opcheck(device, backend):
         torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_torch_compile_fullgraph(device):
     torch._dynamo.reset()
-    inputs = make(n=12)
+    inputs = make(n=12, device=device)
     h = inputs["student_hidden"].requires_grad_()
 
     def step(h, w, t):

@@ -8,12 +8,13 @@ from hypothesis import strategies as st
 
 import cex_kernels
 from cex_kernels import reference
-from conftest import (assert_close_to_reference, backend_cases, math_mode_dtypes,
-                      no_triton_reason, skip_unsupported, stand_in_autotune_timer,
-                      triton_device)
+from conftest import (HAS_CUDA, assert_close_to_reference, backend_cases,
+                      math_mode_dtypes, no_triton_reason, skip_unsupported,
+                      stand_in_autotune_timer, triton_device)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 REDUCTIONS = ["mean", "sum", "none"]
+COMPILE_DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 # (leading shape, d_t, d_s): one row; sizes that are multiples of no block size; d_s > d_t
 # and d_s < d_t; leading batch dimensions; then sizes the blocks divide (the Triton kernel
 # drops its masks for them): d_t only, d_s only, and both, for the interpreter's 16-blocks
@@ -94,7 +95,9 @@ def test_opcheck(device, backend):
             torch.library.opcheck(torch.ops.cex.projected_mse.default, args)
 
 
-@pytest.mark.parametrize("device,backend", [c for c in backend_cases() if c.values[1] != "triton"])
+# Not the Triton interpreter: dynamo cannot trace through it. Triton on CUDA is included.
+@pytest.mark.parametrize("device,backend",
+                         [c for c in backend_cases() if c.values != ("cpu", "triton")])
 def test_torch_compile_fullgraph(device, backend):
     torch._dynamo.reset()
     s, t, p = make_inputs((4, 10), 24, 12, torch.float32, device, seed=5)
@@ -112,10 +115,12 @@ def test_torch_compile_fullgraph(device, backend):
     assert_close_to_reference(grad, ref_grad, torch.float32, "compiled grad")
 
 
-def test_torch_compile_inductor_cpu():
-    """The default (inductor) compiler traces the op and its backward without graph breaks."""
+@pytest.mark.parametrize("device", COMPILE_DEVICES)
+def test_torch_compile_inductor(device):
+    """The default (inductor) compiler traces the op and its backward without graph breaks,
+    with the default backend (triton on CUDA)."""
     torch._dynamo.reset()
-    s, t, p = make_inputs((32,), 24, 12, torch.float32, "cpu", seed=6)
+    s, t, p = make_inputs((32,), 24, 12, torch.float32, device, seed=6)
     s.requires_grad_()
     compiled = torch.compile(lambda a, b, c: cex_kernels.projected_mse(a, b, c, reduction="sum"),
                              fullgraph=True)
