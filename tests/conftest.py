@@ -27,9 +27,8 @@ def _interpreter_broken_reason():
         return None
     import numpy
     import triton
-    triton_version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     numpy_version = tuple(int(x) for x in numpy.__version__.split(".")[:2])
-    if triton_version < (3, 7) and numpy_version >= (2, 4):
+    if _backends._triton_version < (3, 7) and numpy_version >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__} "
                 "(int() of a 1-element array); use numpy<2.4 or Triton >= 3.7 to run the "
                 "Triton kernels on the CPU")
@@ -75,6 +74,7 @@ def backend_cases():
             cases.append(("cuda", "triton"))
         if available["cuda"]:
             cases.append(("cuda", "cuda"))
+
     def marks(device, backend):
         if device == "cpu" and backend == "triton" and INTERPRETER_BROKEN:
             return [pytest.mark.skip(reason=INTERPRETER_BROKEN)]
