@@ -316,3 +316,33 @@ def test_tiled_every_gpu_config(mode, stats_config, grad_config, shape, reverse,
             for name, got, ref in (("hidden", d_h, h64.grad), ("weight", d_w, w64.grad),
                                    ("bias", d_b, b64.grad)):
                 assert_close_to_reference(got, ref, tol, f"{dtype} d {name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(triton_device() != "cuda", reason="needs a CUDA GPU with Triton")
+def test_tiled_weight_offsets_past_2_31():
+    """V x H > 2^31 elements: the weight's offsets need 64 bits (a 4.3 GB bf16 W, 8.6 GB
+    fp32 d W). The teacher puts its mass on the last vocabulary entries, past element
+    2^31 of W, so a wrapped offset would change the loss and their gradients."""
+    from cex_kernels.triton.linear_kl import linear_kl_tiled
+    n, hidden, vocab = 16, 2**14, 2**17 + 64
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(n, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (torch.randn(vocab, hidden, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    t = torch.zeros(n, vocab, device="cuda", dtype=torch.bfloat16)
+    t[:, -64:] = 20.0
+    kd_weight = torch.ones(n, device="cuda")
+    rows, d_h, d_w, _ = linear_kl_tiled(h, w, None, t, None, kd_weight, None, 1.0, False, True)
+
+    w32 = w.float()  # fp32 references (8.6 GB): bf16 tolerances apply anyway
+    logits = (h.float() @ w32.T).double()
+    log_p = torch.log_softmax(logits, -1)
+    q = torch.softmax(t.double(), -1)
+    want = (q * (torch.log(q) - log_p)).sum(-1)
+    g = (torch.softmax(logits, -1) - q).float()  # d loss / d logits, per row
+    assert_close_to_reference(rows, want, torch.bfloat16, "rows")
+    assert_close_to_reference(d_h, g @ w32, torch.bfloat16, "d hidden")
+    assert_close_to_reference(d_w[-64:], g[:, -64:].T @ h.float(), torch.bfloat16,
+                              "d weight, last rows")

@@ -43,12 +43,12 @@ from cex_kernels.triton._common import aot_spec, dot_input_precision, math_mode,
 # spill there.
 STATS_CONFIG = {
     ("tensor_core", True): (64, 64, 64, 8, 3), ("tensor_core", False): (32, 64, 64, 8, 2),
-    ("tf32", True): (64, 64, 32, 8, 2), ("tf32", False): (32, 64, 64, 8, 2),
-    ("fp32", True): (32, 64, 32, 4, 2), ("fp32", False): (32, 64, 32, 8, 1),
+    ("tf32", True): (64, 64, 32, 8, 2), ("tf32", False): (32, 64, 32, 8, 2),
+    ("fp32", True): (16, 64, 32, 4, 2), ("fp32", False): (32, 64, 32, 8, 1),
 }
 GRAD_CONFIG = {
     ("tensor_core", True): (128, 64, 32, 8, 2), ("tensor_core", False): (64, 128, 32, 8, 2),
-    ("tf32", True): (64, 64, 32, 8, 2), ("tf32", False): (64, 64, 32, 8, 2),
+    ("tf32", True): (64, 64, 32, 8, 1), ("tf32", False): (64, 64, 32, 8, 2),
     ("fp32", True): (32, 64, 32, 8, 1), ("fp32", False): (32, 64, 32, 8, 1),
 }
 INTERPRETER_CONFIG = (16, 16, 16, 1, 1)
@@ -56,22 +56,25 @@ N_STATS = 9  # m_s, l_s, x_r, m_t, l_t, x_f, m_1, l_1, picked
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H,
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, col_mask, H,
                  stride_hm, stride_hk, stride_wv, stride_wk, HAS_BIAS: tl.constexpr,
                  INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """z = h[rows] @ W[cols]ᵀ (+ b[cols]) in fp32; h_ptr already points at the block's row 0."""
+    """z = h[rows] @ W[tile]ᵀ (+ b[tile]) in fp32, for the BLOCK_V vocabulary entries that
+    w_ptr and b_ptr point at (moved there with 64-bit arithmetic by the caller: V x H can
+    exceed 2^31); h_ptr points at the block's row 0."""
+    offs_v = tl.arange(0, BLOCK_V)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         h = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :] * stride_hk,
                     mask=row_mask[:, None] & (kk[None, :] < H), other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_wv + kk[:, None] * stride_wk,
+        w = tl.load(w_ptr + offs_v[None, :] * stride_wv + kk[:, None] * stride_wk,
                     mask=col_mask[None, :] & (kk[:, None] < H), other=0.0)
         acc = tl.dot(h, w, acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -117,12 +120,18 @@ def linear_kl_stats_kernel(
     label = tl.full((BLOCK_M,), -1, tl.int64)
     if NEED_CE:
         label = tl.load(label_ptr + row0 + rows, mask=row_mask, other=-1).to(tl.int64)
+    # The current tile's rows of W (and entries of b), advanced tile by tile from a 64-bit
+    # base: V x H can exceed 2^31, the per-tile offsets cannot.
+    w_tile = w_ptr + split.to(tl.int64) * v_per_split * stride_wv
+    b_tile = b_ptr + v_lo
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hm,
+        z = _logits_tile(h_ptr, w_tile, b_tile, rows, row_mask, col_mask, H, stride_hm,
                          stride_hk, stride_wv, stride_wk, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
                          BLOCK_V, BLOCK_K)
+        w_tile += BLOCK_V * stride_wv
+        b_tile += BLOCK_V
         s = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
         t = tl.load(t_ptr + rows[:, None] * stride_tm + cols[None, :] * stride_tv,
                     mask=row_mask[:, None] & col_mask[None, :], other=float("-inf"))
@@ -167,13 +176,19 @@ def linear_kl_grad_kernel(
     h_ptr += row0 * stride_hm
     t_ptr += row0 * stride_tm
     dh_ptr += row0 * H
+    # This program's vocabulary tile, as a 64-bit base (V x H can exceed 2^31) plus 32-bit
+    # offsets within the tile.
+    col0 = pid_v * BLOCK_V
+    w_ptr += col0.to(tl.int64) * stride_wv
+    dw_ptr += col0.to(tl.int64) * H
+    offs_v = tl.arange(0, BLOCK_V)
     rows = tl.arange(0, BLOCK_M)
     row_mask = rows < N - row0
-    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = col0 + offs_v
     col_mask = cols < V
     tile_mask = row_mask[:, None] & col_mask[None, :]
 
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, cols, col_mask, H, stride_hm,
+    z = _logits_tile(h_ptr, w_ptr, b_ptr + col0, rows, row_mask, col_mask, H, stride_hm,
                      stride_hk, stride_wv, stride_wk, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
                      BLOCK_V, BLOCK_K)
     r = row_ptr + row0 + rows
@@ -204,14 +219,14 @@ def linear_kl_grad_kernel(
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         k_mask = kk < H
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + kk[None, :] * stride_wk,
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + kk[None, :] * stride_wk,
                     mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         tl.atomic_add(dh_ptr + rows[:, None] * H + kk[None, :],
                       tl.dot(g_in, w, input_precision=INPUT_PRECISION),
                       mask=row_mask[:, None] & k_mask[None, :])
         h = tl.load(h_ptr + rows[:, None] * stride_hm + kk[None, :] * stride_hk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        tl.atomic_add(dw_ptr + cols[:, None].to(tl.int64) * H + kk[None, :],
+        tl.atomic_add(dw_ptr + offs_v[:, None] * H + kk[None, :],
                       tl.dot(tl.trans(g_in), h, input_precision=INPUT_PRECISION),
                       mask=col_mask[:, None] & k_mask[None, :])
     if HAS_BIAS:
