@@ -74,6 +74,15 @@ def write_json(path: Optional[str], data: Dict) -> Optional[str]:
     return path
 
 
+def finish_run(result: Dict, json_path: Optional[str], plot_path: Optional[str]) -> Dict:
+    """A recipe's last step: record where the plot went, write the JSON, say where both are."""
+    result["plot"] = plot_path
+    result["json"] = json_path
+    write_json(json_path, result)
+    print(f"total {result['seconds']:.1f}s; json: {json_path}; plot: {plot_path}")
+    return result
+
+
 def plot_curves(path: Optional[str], curves: Dict[str, List[Dict]], *, metric: str,
                 ylabel: str, title: str, xs: Sequence[str] = ("step", "samples", "flops"),
                 hline: Optional[float] = None, logy: bool = False,

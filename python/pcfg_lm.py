@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (add_run_arguments, TinyTransformer, block_names, environment, first_reaching,  # noqa: E402
-                     format_table, plot_curves, resolve_device, write_json)
+                     format_table, plot_curves, resolve_device, finish_run)
 
 from cex_kernels.distill import Budget, CurriculumExtraction, OneShotDistillation  # noqa: E402
 from cex_kernels.experiments._curves import fit_with_curve  # noqa: E402
@@ -244,16 +244,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     result = {"experiment": "pcfg_lm", "environment": env, "config": vars(args),
               "target_loss": target, "teacher": {k: v for k, v in teacher.items() if k != "model"},
               "students": students, "table": rows, "seconds": time.perf_counter() - t0}
-    result["plot"] = plot_curves(
+    plot_path = plot_curves(
         args.plot, {n: s["curve"] for n, s in students.items()}, metric="heldout_loss",
         ylabel="held-out next-token loss (nats)", hline=target, ylim=_ylim(students, teacher),
         title=f"PCFG language modelling: teacher {args.teacher_depth}x{args.teacher_width}, "
               f"student {args.student_depth}x{args.student_width}, {args.steps} steps of "
               f"{args.batch_size}x{args.seq_len} tokens (dotted: target loss)")
-    result["json"] = args.json
-    write_json(args.json, result)
-    print(f"total {result['seconds']:.1f}s; json: {args.json}; plot: {result['plot']}")
-    return result
+    return finish_run(result, args.json, plot_path)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import (add_run_arguments, environment, first_reaching, format_table, plot_curves,  # noqa: E402
-                     resolve_device, write_json)
+                     resolve_device, finish_run)
 
 from cex_kernels.experiments.sparse_parity import (METHODS, ParityConfig,  # noqa: E402
                                                    run_comparison, summary_rows, torch_threads)
@@ -118,11 +118,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(format_table(rows))
     result = {"experiment": "sparse_parity", "environment": env, "runs": runs, "table": rows,
               "seconds": time.perf_counter() - t0}
-    result["plot"] = plot(args.plot, runs)
-    result["json"] = args.json
-    write_json(args.json, result)
-    print(f"total {result['seconds']:.1f}s; json: {result['json']}; plot: {result['plot']}")
-    return result
+    return finish_run(result, args.json, plot(args.plot, runs))
 
 
 if __name__ == "__main__":
