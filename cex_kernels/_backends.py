@@ -69,11 +69,16 @@ def _unavailable_reason(name: str) -> str:
     return "unknown reason"
 
 
-def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Turn ``backend`` ("auto" or a name) into a backend that can run ``op`` on these tensors."""
-    if backend not in BACKENDS + ("auto",):
+def check_backend_name(op: str, backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
         raise ValueError(f"cex_kernels.{op}: unknown backend {backend!r}; expected one of "
                          f"{('auto',) + BACKENDS}")
+    return backend
+
+
+def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Turn ``backend`` ("auto" or a name) into a backend that can run ``op`` on these tensors."""
+    check_backend_name(op, backend)
     available = backends()
     if backend == "auto":
         if device.type == "cuda":
@@ -86,13 +91,14 @@ def resolve_backend(op: str, backend: str, device: torch.device, dtype: torch.dt
             if available[name] and (dtype != torch.float64 or name in ("cpu", "reference")):
                 return name
         return "reference"
-    if not available[backend]:
-        raise RuntimeError(f"cex_kernels.{op}: backend {backend!r} is not available: "
-                           + _unavailable_reason(backend))
+    # The tensors' device first: a mismatch is the caller's error whatever was built.
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"cex_kernels.{op}: backend 'cpu' needs CPU tensors, got {device}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"cex_kernels.{op}: backend 'cuda' needs CUDA tensors, got {device}")
+    if not available[backend]:
+        raise RuntimeError(f"cex_kernels.{op}: backend {backend!r} is not available: "
+                           + _unavailable_reason(backend))
     if backend == "triton" and device.type != "cuda" and not (TRITON_INTERPRET and device.type == "cpu"):
         raise ValueError(f"cex_kernels.{op}: backend 'triton' needs CUDA tensors, got {device} "
                          "(CPU tensors run only under the Triton interpreter: set "

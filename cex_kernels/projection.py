@@ -10,7 +10,14 @@ import math
 
 import torch
 
+from cex_kernels import _checks
+
 PROJECTION_KINDS = ("gaussian", "rademacher", "orthogonal")
+
+
+def check_seed(op: str, seed) -> int:
+    """A seed for torch.Generator.manual_seed: an int in [0, 2**64)."""
+    return _checks.check_int(op, "seed", seed, low=0, high=2 ** 64 - 1)
 
 
 def random_projection(d_in: int, d_out: int, *, seed: int, kind: str = "gaussian",
@@ -23,15 +30,15 @@ def random_projection(d_in: int, d_out: int, *, seed: int, kind: str = "gaussian
       of a Gaussian matrix, scaled by sqrt(max(d_in / d_out, 1)) so that E[P Pᵀ] = I
       as for the Gaussian kind.
     """
-    if not (isinstance(d_in, int) and isinstance(d_out, int)) or d_in <= 0 or d_out <= 0:
-        raise ValueError(f"cex_kernels.random_projection: d_in and d_out must be positive ints, "
-                         f"got d_in={d_in!r}, d_out={d_out!r}")
-    if kind not in PROJECTION_KINDS:
-        raise ValueError(f"cex_kernels.random_projection: kind must be one of {PROJECTION_KINDS}, "
-                         f"got {kind!r}")
+    op = "random_projection"
+    d_in = _checks.check_int(op, "d_in", d_in, low=1)
+    d_out = _checks.check_int(op, "d_out", d_out, low=1)
+    seed = check_seed(op, seed)
+    _checks.check_choice(op, "kind", kind, PROJECTION_KINDS)
+    _checks.check_dtype(op, "dtype", dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"cex_kernels.random_projection: dtype must be floating, got {dtype}")
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     if kind == "gaussian":
         p = torch.randn(d_in, d_out, generator=gen, dtype=torch.float64) / math.sqrt(d_out)
     elif kind == "rademacher":

@@ -140,18 +140,21 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
 def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
               teacher_weight=None, student_bias=None, teacher_bias=None, temperature=1.0,
               direction="forward", beta=None, reduction="batchmean", mask=None, labels=None,
-              ignore_index=-100, hard_label_weight=0.0, scale_by_t2=True) -> torch.Tensor:
-    """Eager ``cex_kernels.linear_kl``: materialize both logits, then the eager divergence
-    plus ``hard_label_weight`` times the cross-entropy on the kept rows (same reduction)."""
+              ignore_index=-100, hard_label_weight=0.0, soft_label_weight=1.0, scale_by_t2=True,
+              return_parts=False):
+    """Eager ``cex_kernels.linear_kl``: materialize both logits, then ``soft_label_weight``
+    times the eager divergence plus ``hard_label_weight`` times the cross-entropy on the
+    kept rows (same reduction); ``return_parts`` also returns the two unweighted parts."""
     logits = F.linear(student_hidden, student_weight, student_bias)
     if teacher_logits is None:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     teacher_logits = teacher_logits.detach()
     if beta is None:
         beta = 0.0 if direction == "forward" else 1.0
-    loss = jsd(logits, teacher_logits, beta=beta, temperature=temperature, reduction=reduction,
-               mask=mask, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
-    if hard_label_weight > 0:
+    kd = jsd(logits, teacher_logits, beta=beta, temperature=temperature, reduction=reduction,
+             mask=mask, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+    ce_loss = torch.zeros_like(kd)
+    if labels is not None and (hard_label_weight > 0 or return_parts):
         keep = _kept_rows(logits.shape[:-1], logits.device, mask, labels, ignore_index)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                              torch.where(keep, labels, 0).reshape(-1), reduction="none")
@@ -162,5 +165,5 @@ def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hi
             ce_loss = ce.sum()
         else:
             ce_loss = ce.sum() / keep.sum().clamp(min=1)
-        loss = loss + hard_label_weight * ce_loss
-    return loss
+    loss = soft_label_weight * kd + hard_label_weight * ce_loss
+    return (loss, kd, ce_loss) if return_parts else loss

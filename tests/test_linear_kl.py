@@ -105,10 +105,14 @@ def test_opcheck(device, backend):
     inputs = make(n=9, device=device)
     h = inputs["student_hidden"].requires_grad_()
     kd = torch.full((9,), 1 / 9, device=device)
-    for reduction in ("batchmean", "none"):
+    ce = torch.full((9,), 1 / 9, device=device)
+    labels = inputs["labels"].long()
+    for reduction, soft, hard, parts in (("batchmean", 1.0, 0.0, False), ("none", 1.0, 0.0, False),
+                                         ("sum", 0.5, 0.3, True), ("none", 0.0, 1.0, True)):
         args = (h, inputs["student_weight"], inputs["student_bias"], inputs["teacher_logits"],
-                None, None, None, kd, None, None, 2.0, 0.0, reduction, backend, 4, "chunked",
-                True)
+                None, None, None, kd, ce if hard or parts else None,
+                labels if hard or parts else None, None, soft, hard, 2.0, 0.0, reduction,
+                backend, 4, "chunked", True, parts)
         torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
 
 

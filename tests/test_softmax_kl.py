@@ -206,7 +206,7 @@ def test_opcheck(device, backend):
     for beta, reduction, gs, gt in ((0.0, "none", False, False), (0.0, "sum", True, False),
                                     (1.0, "none", True, True), (0.5, "sum", True, True),
                                     (0.3, "none", False, True)):
-        args = (s.clone().requires_grad_(gs), t.clone().requires_grad_(gt), w, 2.0, beta,
+        args = (s.clone().requires_grad_(gs), t.clone().requires_grad_(gt), w, None, 2.0, beta,
                 reduction, backend, gs, gt)
         torch.library.opcheck(torch.ops.cex.softmax_kl.default, args)
 
@@ -239,7 +239,8 @@ def test_backward_scales_the_forward_gradient_in_place(device, backend):
     s, t = make_logits((5,), 12, torch.float32, device)
     s.requires_grad_()
     w = torch.ones(5, device=device)
-    loss, gs, _ = torch.ops.cex.softmax_kl(s, t, w, 1.0, 0.0, "sum", backend, True, False)
+    loss, gs, _ = torch.ops.cex.softmax_kl(s, t, w, None, 1.0, 0.0, "sum", backend, True,
+                                           False)
     (loss * 2).backward()
     assert s.grad.data_ptr() == gs.data_ptr()
     loss = cex_kernels.softmax_kl(s.detach().requires_grad_(), t, reduction="sum", backend=backend)
@@ -389,8 +390,8 @@ def test_teacher_only_gradient_and_no_grad():
     rt = t.detach().double().requires_grad_()
     (rg,) = torch.autograd.grad(reference.jsd(s.double(), rt, beta=0.3), rt)
     assert_close_to_reference(g, rg, torch.float32, "teacher-only grad")
-    _, gs, gt = torch.ops.cex.softmax_kl(s, t.detach(), torch.ones(4), 1.0, 0.0, "sum", "cpu",
-                                         False, False)
+    _, gs, gt = torch.ops.cex.softmax_kl(s, t.detach(), torch.ones(4), None, 1.0, 0.0, "sum",
+                                         "cpu", False, False)
     assert gs.numel() == 0 and gt.numel() == 0
     with torch.no_grad():
         assert cex_kernels.softmax_kl(s.requires_grad_(), t).grad_fn is None

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
+from cex_kernels.ops._autograd import (create_graph_requested, scale_saved,
+                                       under_functorch_differentiation)
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -45,34 +47,41 @@ _KERNELS = {"triton": _fwd_triton, "cuda": _fwd_cuda, "cpu": _fwd_cpu,
 _NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "reference": False}
 
 
-def _grad_scale(reduction: str, numel: int) -> float:
+def _grad_scale(reduction: str, numel: int, dtype: torch.dtype) -> float:
     # d(loss)/d(student) = grad_scale * (student - teacher @ projection) for a unit upstream
-    # gradient ("none": per row, before the upstream gradient's own row factor).
-    return 2.0 / max(numel, 1) if reduction == "mean" else 2.0
+    # gradient ("none": per row, before the upstream gradient's own row factor). fp16 keeps
+    # the gradient without the mean's 1/numel, which backward applies (see _autograd).
+    if reduction == "mean" and dtype != torch.float16:
+        return 2.0 / max(numel, 1)
+    return 2.0
 
 
 @torch.library.custom_op("cex::projected_mse", mutates_args=())
 def projected_mse_op(student: Tensor, teacher: Tensor, projection: Tensor, reduction: str,
                      backend: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """2-D inputs. Returns ``(loss, grad_student_unit)``; the second is empty unless
-    ``compute_grad``, and is internal (the gradient for a unit upstream gradient)."""
+    """2-D inputs. Returns ``(loss, grad_student_unit)``: the loss in the accumulation dtype
+    (fp32; float64 for float64); the second output empty unless ``compute_grad``, and
+    internal (the gradient for a unit upstream gradient; for fp16 with reduction "mean",
+    before the 1/numel that backward applies)."""
     numel = student.numel()
     row_sq_err, grad = _KERNELS[backend](student, teacher, projection,
-                                         _grad_scale(reduction, numel), compute_grad)
+                                         _grad_scale(reduction, numel, student.dtype),
+                                         compute_grad)
     if reduction == "none":
         loss = row_sq_err
     elif reduction == "sum":
         loss = row_sq_err.sum()
     else:  # as F.mse_loss: NaN for an empty input
         loss = row_sq_err.sum() / numel
-    return loss.to(student.dtype), grad
+    return loss, grad
 
 
 @projected_mse_op.register_fake
 def _(student, teacher, projection, reduction, backend, compute_grad):
     loss_shape = (student.shape[0],) if reduction == "none" else ()
     grad_shape = tuple(student.shape) if compute_grad else (0,)
-    return student.new_empty(loss_shape), student.new_empty(grad_shape)
+    acc = _checks.accumulation_dtype(student.dtype)
+    return student.new_empty(loss_shape, dtype=acc), student.new_empty(grad_shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -83,41 +92,46 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.compute_grad = compute_grad
-    ctx.save_for_backward(grad, teacher if ctx.needs_input_grad[2] else None,
-                          projection if ctx.needs_input_grad[1] else None)
+    # fp16 "mean": the stored gradient lacks the 1/numel (see _grad_scale).
+    ctx.stored_factor = (1.0 / max(student.numel(), 1)
+                         if reduction == "mean" and student.dtype == torch.float16 else None)
+    # The inputs are kept (references) for the teacher/projection GEMMs and for a
+    # create_graph backward.
+    ctx.save_for_backward(grad, student, teacher, projection)
 
 
-def _may_scale_in_place(grad: Tensor) -> bool:
-    """True when autograd frees this graph after the current backward (no retain_graph)
-    and nothing is tracing or differentiating the backward itself.
-
-    Only then may backward scale the stored gradient in place: with retain_graph (gradcheck,
-    several backward calls) it is needed again. Unknown (older torch, tracing) -> False.
-    """
-    if (torch.compiler.is_compiling() or torch.is_grad_enabled()  # create_graph=True
-            or type(grad) is not torch.Tensor):  # fake/functional tensors: being traced
-        return False
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    try:
-        return keep_graph is not None and not keep_graph()
-    except RuntimeError:  # not inside a graph task
-        return False
+def _eager_loss(reduction, student, teacher, projection):
+    """The op's loss in differentiable eager PyTorch (for double backward)."""
+    acc = _checks.accumulation_dtype(student.dtype)
+    diff = student.to(acc) - teacher.to(acc) @ projection.to(acc)
+    rows = (diff * diff).sum(-1)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / student.numel()
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("cex::projected_mse was called with compute_grad=False, so it kept no "
                            "gradient; call cex_kernels.projected_mse, which sets it")
-    grad, teacher, projection = ctx.saved_tensors
+    grad, student, teacher, projection = ctx.saved_tensors
     if grad_loss is None:  # the loss did not reach the output being differentiated
         return None, None, None, None, None, None
-    # Scale the stored unit gradient in place when nobody will read it again, so the
-    # student's gradient costs no second (N, d_s) tensor; out of place otherwise.
-    upstream = (grad_loss[:, None] if ctx.reduction == "none" else grad_loss).to(grad.dtype)
-    if _may_scale_in_place(grad):
-        grad_student = grad.mul_(upstream)
-    else:
-        grad_student = grad * upstream
+    inputs = (student, teacher, projection)
+    needed = [i for i in range(3) if ctx.needs_input_grad[i]]
+    if create_graph_requested():  # differentiable: recompute with the eager formula
+        grads = torch.autograd.grad(_eager_loss(ctx.reduction, *inputs),
+                                    [inputs[i] for i in needed], grad_loss, create_graph=True)
+        out = [None] * 6
+        for i, g in zip(needed, grads):
+            out[i] = g.to(inputs[i].dtype)
+        return tuple(out)
+    # Scale the stored unit gradient (in place when nobody will read it again, so the
+    # student's gradient costs no second (N, d_s) tensor).
+    factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
+    if ctx.stored_factor is not None:
+        factor = factor.float() * ctx.stored_factor
+    grad_student = scale_saved(grad, factor)
     grad_teacher = grad_projection = None
     if ctx.needs_input_grad[1]:  # d/dT of ||S - T P||^2 terms: -dS @ Pᵀ
         grad_teacher = (grad_student @ projection.T).neg_()
@@ -145,17 +159,29 @@ def projected_mse(student: Tensor, teacher: Tensor, projection: Tensor, *,
 
     The product ``teacher @ projection`` is never materialized (except by the ``reference``
     backend). All three inputs share one floating dtype and device; accumulation is fp32
-    (float64 for float64) and the result has the inputs' dtype. Any strides are accepted;
-    a view with a non-unit last-dimension stride is copied for the compiled backends.
-    NaN or inf in the inputs give NaN/inf in the loss; they are never masked.
-    Gradients flow to every input that requires them.
+    (float64 for float64) and the result has the inputs' dtype. Under ``torch.autocast``
+    it computes as a matmul does there: inputs other than float64 in the autocast dtype,
+    the loss in fp32. Any strides are accepted; a view with a non-unit last-dimension
+    stride is copied for the compiled backends. NaN or inf in the inputs give NaN/inf in
+    the loss; they are never masked.
+
+    Gradients flow to every input that requires them, computed in the forward pass (fp16
+    gradients keep fp16's range under a loss scaler). Higher-order gradients work: a
+    backward with ``create_graph=True`` recomputes the gradient with the eager formula,
+    differentiably, and ``torch.func.grad``/``jacrev``/``hessian`` run that formula.
     """
     op = "projected_mse"
+    _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
+    _backends.check_backend_name(op, backend)
     for name, t in (("student", student), ("teacher", teacher), ("projection", projection)):
         _checks.check_tensor(op, name, t)
+    low = _checks.autocast_dtype(student.device)
+    autocast = low is not None
+    if autocast:  # a matmul under autocast: inputs other than float64 in the autocast dtype
+        student, teacher, projection = (x if x.dtype == torch.float64 else x.to(low)
+                                        for x in (student, teacher, projection))
     dtype = _checks.check_same_dtype(op, student=student, teacher=teacher, projection=projection)
     device = _checks.check_same_device(op, student=student, teacher=teacher, projection=projection)
-    _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
     if student.dim() < 1 or teacher.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(f"cex_kernels.projected_mse: student {tuple(student.shape)} and teacher "
                          f"{tuple(teacher.shape)} must have the same leading dimensions "
@@ -165,6 +191,10 @@ def projected_mse(student: Tensor, teacher: Tensor, projection: Tensor, *,
         raise ValueError(f"cex_kernels.projected_mse: projection must be (d_t, d_s) = ({d_t}, {d_s}) "
                          f"for teacher {tuple(teacher.shape)} and student {tuple(student.shape)}, "
                          f"got {tuple(projection.shape)}")
+    # The loss in the inputs' dtype; under autocast fp32, as autocast's mse_loss.
+    out_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype
+    if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
+        return reference.projected_mse(student, teacher, projection, reduction).to(out_dtype)
     backend = _backends.resolve_backend(op, backend, device, dtype)
     unit = _NEEDS_UNIT_INNER_STRIDE[backend]
     s2 = _checks.as_rows(student, unit_inner_stride=unit)
@@ -173,4 +203,5 @@ def projected_mse(student: Tensor, teacher: Tensor, projection: Tensor, *,
     compute_grad = torch.is_grad_enabled() and (
         student.requires_grad or teacher.requires_grad or projection.requires_grad)
     loss, _ = projected_mse_op(s2, t2, p2, reduction, backend, compute_grad)
+    loss = loss.to(out_dtype)
     return loss.reshape(student.shape[:-1]) if reduction == "none" else loss

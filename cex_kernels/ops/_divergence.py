@@ -1,0 +1,233 @@
+"""What ``softmax_kl``/``jsd`` and ``linear_kl`` share: the per-row divergence kernels of each
+backend, the option checks, the row weights, and the top-k teacher.
+
+The math of the divergences, stated once (``p = softmax(student / T)``,
+``q = softmax(teacher / T)``, 0·log 0 = 0):
+
+* ``beta = 0``: KL(q || p), the forward KL of classic distillation;
+* ``beta = 1``: KL(p || q), the reverse KL (computed as ``beta = 0`` with the roles swapped,
+  so no kernel has a third mode);
+* ``0 < beta < 1``: the generalized JSD of TRL's GKD, ``beta·KL(q || m) + (1-beta)·KL(p || m)``
+  with ``m = beta·q + (1-beta)·p``.
+
+Every backend implements one row kernel with the contract::
+
+    fwd(student2d, teacher2d, row_weight, inv_temperature, beta, grad_student, grad_teacher)
+        -> (row_loss, grad_student, grad_teacher)
+
+``row_loss[r] = w[r]·L_r`` and each gradient is ``w[r]/T · dL_r/dz`` (0 for rows with
+``w[r] == 0``: those rows are never read). ``w`` carries the row mask, T² and, except in
+fp16, the reduction's divisor (see ``_autograd`` for why fp16 differs).
+"""
+# No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
+# schema from string annotations.
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from cex_kernels import _backends, _checks, reference
+from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped,
+                                        under_functorch_differentiation)
+
+REDUCTIONS = ("batchmean", "sum", "none")
+DIRECTIONS = ("forward", "reverse")
+
+
+def _rows_triton(*args):
+    from cex_kernels.triton import softmax_kl as triton_softmax_kl
+    return triton_softmax_kl.softmax_kl_fwd(*args)
+
+
+def _rows_cpu(*args):
+    return _backends._C.softmax_kl_fwd_cpu(*args)
+
+
+def _rows_cuda(student, teacher, row_weight, inv_temperature, beta, grad_student, grad_teacher):
+    with torch.cuda.device(student.device):
+        stream = torch.cuda.current_stream(student.device).cuda_stream
+        return _backends._C.softmax_kl_fwd_cuda(student, teacher, row_weight, inv_temperature,
+                                                beta, grad_student, grad_teacher, stream)
+
+
+ROW_KERNELS = {"triton": _rows_triton, "cuda": _rows_cuda, "cpu": _rows_cpu,
+               "reference": reference.softmax_kl_rows}
+# Which backends index rows with a single stride (they need unit stride along V).
+NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "reference": False}
+
+
+def divergence_rows(backend: str, student: Tensor, teacher: Tensor, row_weight: Tensor,
+                    temperature: float, beta: float, grad_student: bool, grad_teacher: bool):
+    """``(row_loss, grad_student, grad_teacher)`` from the backend's row kernel; beta = 1
+    (reverse KL) is beta = 0 with the roles, and the gradients, swapped."""
+    kernel = ROW_KERNELS[backend]
+    if beta == 1.0:
+        rows, grad_t, grad_s = kernel(teacher, student, row_weight, 1.0 / temperature, 0.0,
+                                      grad_teacher, grad_student)
+    else:
+        rows, grad_s, grad_t = kernel(student, teacher, row_weight, 1.0 / temperature, beta,
+                                      grad_student, grad_teacher)
+    return rows, grad_s, grad_t
+
+
+def check_reduction(op: str, reduction) -> str:
+    if reduction == "mean":
+        raise ValueError(f"cex_kernels.{op}: reduction='mean' is ambiguous for a divergence "
+                         "(torch's kl_div averages over all N x V elements, TRL's jsd over "
+                         "elements too); use 'batchmean', which here is the sum over kept "
+                         "rows divided by the number of kept rows (a per-token mean), 'sum' "
+                         "or 'none'")
+    _checks.check_choice(op, "reduction", reduction, REDUCTIONS)
+    return reduction
+
+
+def check_options(op: str, *, temperature, reduction, ignore_index, scale_by_t2, backend):
+    """The options every divergence takes, checked (at call or module construction).
+    Returns ``(temperature, ignore_index, scale_by_t2)`` as Python scalars."""
+    scale_by_t2 = _checks.check_bool(op, "scale_by_t2", scale_by_t2)
+    temperature = _checks.check_temperature(op, temperature, scale_by_t2=scale_by_t2)
+    check_reduction(op, reduction)
+    ignore_index = _checks.check_int(op, "ignore_index", ignore_index)
+    _backends.check_backend_name(op, backend)
+    return temperature, ignore_index, scale_by_t2
+
+
+def check_beta(op: str, beta) -> float:
+    return _checks.check_real(op, "beta", beta, low=0.0, high=1.0)
+
+
+def check_vocab_size(op: str, vocab_size) -> Optional[int]:
+    return None if vocab_size is None else _checks.check_int(op, "vocab_size", vocab_size, low=1)
+
+
+def kept_rows(lead, device, mask: Optional[Tensor], labels: Optional[Tensor],
+              ignore_index: int) -> Tensor:
+    """Flat bool (rows,): False for rows dropped by ``mask`` or ``labels == ignore_index``."""
+    keep = torch.ones(lead, dtype=torch.bool, device=device)
+    if mask is not None:
+        keep = keep & mask
+    if labels is not None:
+        keep = keep & (labels != ignore_index)
+    return keep.reshape(-1)
+
+
+class RowWeights(NamedTuple):
+    """``kernel``: the (rows,) weights the row kernel multiplies by; ``out_scale``: None, or
+    (fp16) a 0-dim fp32 tensor that multiplies the kernel's loss and its stored gradients
+    (the reduction's divisor over the power-of-two storage scale)."""
+    kernel: Tensor
+    out_scale: Optional[Tensor]
+
+
+def row_weights(keep: Tensor, dtype: torch.dtype, reduction: str, coefficient: float,
+                grad_bound: float) -> RowWeights:
+    """Weights for kept rows (``keep``) under ``reduction``, times ``coefficient`` (T², a
+    loss weight). ``grad_bound`` bounds the magnitude of the gradients the kernel writes
+    for a unit weight; in fp16 it sizes the storage scale. Computed on the device: no host
+    sync, and torch.compile traces it."""
+    acc = _checks.accumulation_dtype(dtype)
+    kept = keep.to(acc)
+    count = keep.sum().clamp(min=1).to(acc)
+    if dtype != torch.float16:
+        factor = kept / count if reduction == "batchmean" else kept
+        return RowWeights(factor * coefficient, None)
+    scale = fp16_storage_scale(grad_bound * abs(coefficient)) if coefficient else 1.0
+    divisor = 1.0 / count if reduction == "batchmean" else torch.ones((), dtype=acc,
+                                                                          device=keep.device)
+    return RowWeights(kept * (coefficient * scale), divisor / scale)
+
+
+# --- the top-k teacher ----------------------------------------------------------------------
+
+def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:
+    """Indices in [0, vocab), and no index twice among entries whose value is not -inf.
+    Reads the values (a host sync): the custom op runs it, so torch.compile keeps it."""
+    if indices.numel():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"cex_kernels: top-k teacher indices must be in [0, {vocab}), found "
+                             f"values in [{lo}, {hi}]")
+        padding = values == float("-inf")
+        # Padding entries get distinct negative keys, so only real entries can collide.
+        slot = torch.arange(indices.shape[-1], device=indices.device).expand(indices.shape)
+        keys = torch.where(padding, -1 - slot, indices.long()).sort(dim=-1).values
+        repeated = keys[..., 1:] == keys[..., :-1]
+        if bool(repeated.any()):
+            row = repeated.any(-1).nonzero()[0].tolist()
+            where = f"row {tuple(row)}: " if row else ""
+            dup = keys[tuple(row)][1:][repeated[tuple(row)]][0].item()
+            raise ValueError(f"cex_kernels: top-k teacher index {dup} appears more than once "
+                             f"with a value other than -inf ({where}indices "
+                             f"{indices[tuple(row)].tolist()}); give each index once, pad "
+                             "with value -inf")
+
+
+@torch.library.custom_op("cex::top_k_to_dense", mutates_args=())
+def top_k_to_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
+    """``(values (..., k), indices (..., k))`` -> ``(..., vocab)`` logits, -inf off the support.
+
+    Entries whose value is -inf contribute nothing wherever they point (the usual padding
+    of a variable k); two entries with other values at one index are an error. Checked here,
+    inside the op, so the checks also run under torch.compile (which treats the op as
+    opaque) instead of being skipped there.
+    """
+    check_top_k_entries(values, indices, vocab)
+    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
+    # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
+    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+
+
+@top_k_to_dense.register_fake
+def _(values, indices, vocab):
+    return values.new_empty((*values.shape[:-1], vocab))
+
+
+def _top_k_setup_context(ctx, inputs, output):
+    values, indices, _ = inputs
+    ctx.save_for_backward(values, indices)
+
+
+def _top_k_backward(ctx, grad_dense):
+    values, indices = ctx.saved_tensors
+    grad = grad_dense.gather(-1, indices.long())
+    return torch.where(values == float("-inf"), torch.zeros_like(grad), grad), None, None
+
+
+top_k_to_dense.register_autograd(_top_k_backward, setup_context=_top_k_setup_context)
+
+
+def dense_top_k_teacher(op: str, student, top_k, vocab_size: Optional[int]) -> Tensor:
+    """Teacher logits given as ``(values (..., k), indices (..., k))``: its distribution is
+    the softmax over those k entries, every other logit -inf. They are scattered into a
+    -inf-filled ``(..., V)`` tensor (differentiable with respect to ``values``) and the dense
+    kernels do the rest; -inf entries are exact there (0 log 0 = 0)."""
+    if not all(isinstance(x, Tensor) for x in top_k):
+        raise TypeError(f"cex_kernels.{op}: teacher_logits must be a torch.Tensor or a top-k "
+                        f"pair of tensors (values, indices), got a {type(top_k).__name__} of "
+                        f"{[type(x).__name__ for x in top_k][:4]}")
+    if len(top_k) != 2:
+        raise ValueError(f"cex_kernels.{op}: a top-k teacher is a pair (values, indices), got "
+                         f"{len(top_k)} tensors")
+    values, indices = top_k
+    _checks.check_tensor(op, "teacher top-k values", values)
+    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"cex_kernels.{op}: teacher top-k indices must be an int64/int32 tensor, "
+                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
+    if not isinstance(student, Tensor) or student.dim() < 1:
+        raise ValueError(f"cex_kernels.{op}: student_logits must be a (..., V) tensor")
+    vocab = vocab_size if vocab_size is not None else student.shape[-1]
+    if values.shape != indices.shape or values.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"cex_kernels.{op}: top-k values {tuple(values.shape)} and indices "
+                         f"{tuple(indices.shape)} must both be (..., k) with the leading dims "
+                         f"of student_logits {tuple(student.shape)}")
+    if values.shape[-1] < 1:  # (k may exceed V with -inf padding; repeats are checked)
+        raise ValueError(f"cex_kernels.{op}: a top-k teacher needs k >= 1 entries per row, got 0")
+    _checks.check_same_device(op, student_logits=student, **{"teacher top-k values": values,
+                                                             "teacher top-k indices": indices})
+    if under_functorch_differentiation():  # torch.func cannot differentiate the custom op
+        if not functorch_vmapped():  # vmap cannot read values to check them
+            check_top_k_entries(values, indices, vocab)
+        dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
+        return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+    return top_k_to_dense(values, indices, int(vocab))
+
