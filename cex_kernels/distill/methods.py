@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -110,6 +111,11 @@ class DistillationMethod:
                  hard_label_weight: float = 0.0, final_budget: BudgetLike = 1.0,
                  vocab_size: Optional[int] = None, shift_labels: Optional[bool] = None,
                  backend: str = "auto", forward_fn: Callable = default_forward):
+        from cex_kernels.distill.registry import load_model
+        if isinstance(teacher, (str, os.PathLike)):  # a save_pretrained directory
+            teacher = load_model(teacher)
+        if isinstance(student, (str, os.PathLike)):
+            student = load_model(student)
         if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
             raise TypeError(f"teacher and student must be nn.Modules, got "
                             f"{type(teacher).__name__} and {type(student).__name__}")
@@ -287,6 +293,7 @@ class CurriculumExtraction(DistillationMethod):
                  projection_kind: str = "gaussian", projection_seed: int = 0,
                  freeze_earlier: bool = True, **kwargs):
         super().__init__(teacher, student, final_budget=final_budget, **kwargs)
+        teacher, student = self.teacher, self.student  # loaded when given as directories
         if projection_kind not in PROJECTION_KINDS:
             raise ValueError(f"projection_kind must be one of {PROJECTION_KINDS}, got "
                              f"{projection_kind!r}")
