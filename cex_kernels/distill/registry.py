@@ -68,6 +68,19 @@ def random_tokens(n: int = 256, seq_len: int = 16, vocab_size: int = 64, seed: i
     return _DictDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
 
 
+def token_rows(n: int = 256, min_len: int = 4, max_len: int = 16, vocab_size: int = 64,
+               seed: int = 0):
+    """Rows ``{"input_ids": [ints], "text": str}`` of random lengths in [min_len, max_len]: the
+    ``datasets`` format (Python lists, a string column the collator drops). Causal LMs get
+    ``labels = input_ids`` from the collator. A stand-in for a tokenized text dataset."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"token_rows: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [{"input_ids": torch.randint(0, vocab_size, (k,), generator=g).tolist(),
+             "text": f"row {i}"} for i, k in enumerate(lengths)]
+
+
 class _DictDataset(torch.utils.data.Dataset):
     def __init__(self, input_ids, labels):
         self.input_ids, self.labels = input_ids, labels
@@ -137,7 +150,8 @@ def load_model(spec) -> nn.Module:
 
 MODELS: Dict[str, Callable] = {"mlp": MLP, "tiny_gpt2": tiny_gpt2, "hf_from_config": hf_from_config,
                                "hf_pretrained": hf_pretrained}
-DATASETS: Dict[str, Callable] = {"sparse_parity": sparse_parity, "random_tokens": random_tokens}
+DATASETS: Dict[str, Callable] = {"sparse_parity": sparse_parity, "random_tokens": random_tokens,
+                                 "token_rows": token_rows}
 
 
 def lookup(name: str, table: Dict[str, Callable], what: str) -> Callable:

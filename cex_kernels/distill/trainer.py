@@ -362,7 +362,8 @@ class Trainer:
         old += [os.path.basename(p) for p in ckpt_io.list_checkpoints(cfg.out_dir)]
         if old and not (cfg.overwrite or cfg.resume == "auto"):
             raise ConfigError(f"out_dir {cfg.out_dir!r} holds a previous run ({', '.join(old)}): "
-                              "set train.resume='auto' to continue it or train.overwrite=true "
+                              "set train.resume='auto' (cex distill --resume) to continue it or "
+                              "train.overwrite=true (--overwrite) "
                               "to start over")
         if old:  # overwrite, or resume='auto' before any checkpoint: the old logs go
             if self.world > 1:
