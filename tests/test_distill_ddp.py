@@ -14,6 +14,14 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 def train(out_dir=None):
     torch.manual_seed(0)
     teacher, student = MLP(8, [32, 32], 2), MLP(8, [6, 6], 2)

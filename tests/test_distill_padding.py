@@ -13,6 +13,15 @@ from cex_kernels import random_projection  # noqa: E402
 from cex_kernels.distill import (CurriculumExtraction, OneShotDistillation, Trainer,  # noqa: E402
                                  TrainConfig)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 V = 64
 MASK_ID = V - 1
 

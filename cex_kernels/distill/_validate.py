@@ -13,7 +13,8 @@ class ConfigError(ValueError):
 
 def did_you_mean(kind: str, name: str, known: Iterable[str]) -> ConfigError:
     known = sorted(known)
-    close = difflib.get_close_matches(name, known, n=3)
+    lower = {k.lower(): k for k in known}
+    close = [lower[c] for c in difflib.get_close_matches(name.lower(), list(lower), n=3)]
     return ConfigError(f"unknown {kind} {name!r}" +
                        (f"; did you mean {close}?" if close else f"; known: {known}"))
 
