@@ -3,6 +3,7 @@ YAML reads ``1e-3`` as a string, JSON has no ints vs floats; both must end up ty
 from __future__ import annotations
 
 import difflib
+import numbers
 import typing
 from typing import Any, Iterable
 
@@ -52,14 +53,14 @@ def coerce(value: Any, tp, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return value
     if tp is bool:
-        if isinstance(value, bool):
-            return value
+        if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy.bool_
+            return bool(value)
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
+        if isinstance(value, numbers.Integral):
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         if isinstance(value, str):
@@ -73,7 +74,7 @@ def coerce(value: Any, tp, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
+        if isinstance(value, numbers.Real):
             return float(value)
         if isinstance(value, str):
             try:

@@ -2,16 +2,20 @@
 and how many rows each loss averages over.
 
 Batches are a dict (Hugging Face style: ``input_ids``, ``attention_mask``, ``labels``, ...), a
-tuple/list ``(inputs, labels?)`` or a tensor. The **real tokens** are ``attention_mask == 1``
-when the batch has one, else every row. Every loss reads only real tokens: projected-MSE and
-KL over the real-token rows, cross-entropy over rows whose aligned label is not -100.
+tuple/list ``(inputs, labels?)`` or a tensor. A loss compares outputs with leading
+dimensions ``lead`` (hidden states ``(B, S)``, logits ``(B, S)`` or ``(B,)``). Its rows
+(:class:`RowRule`, fixed per phase from the first batch):
 
-Counts: without a mask a batch has ``inputs.numel()`` rows when the inputs are integer token
-ids, else ``inputs.shape[0]`` (feature vectors). The methods check this against the model's
-outputs on the first batch and say so when it does not fit.
+- ``attention_mask`` has shape ``lead``: the real tokens (``attention_mask == 1``);
+- else ``lead`` is a prefix of the inputs' shape (tokens ``(B, S)``, features ``(B, d)``):
+  every one of those rows, counted from each batch's own inputs;
+- else a fixed number of rows per sample (``prod(lead) / B``).
+
+Cross-entropy reads rows whose aligned label is not -100.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -65,13 +69,35 @@ def aligned_labels(batch, shift: bool) -> Optional[Tensor]:
     return labels
 
 
-def count_rows(batch) -> int:
-    """Rows the projected-MSE / KL losses average over (real tokens)."""
-    mask = token_mask(batch)
-    if mask is not None:
-        return int(mask.sum())
-    x = model_inputs(batch)
-    return x.numel() if not (x.dtype.is_floating_point or x.dtype.is_complex) else x.shape[0]
+class RowRule:
+    """How to count (and mask) the rows of one loss in any batch, learnt from one batch and
+    the leading dimensions ``lead`` of the outputs that loss compares."""
+
+    def __init__(self, batch, lead):
+        lead, x, mask = tuple(lead), model_inputs(batch), token_mask(batch)
+        self.masked, self.prefix, self.per_sample = False, None, None
+        if mask is not None and tuple(mask.shape) == lead:
+            self.masked = True
+        elif tuple(x.shape[:len(lead)]) == lead:
+            self.prefix = len(lead)
+        else:
+            total, n = math.prod(lead), x.shape[0] if x.dim() else 1
+            if n == 0 or total % n:
+                raise ValueError(f"cannot tell the rows of outputs with leading dimensions {lead} "
+                                 f"from inputs of shape {tuple(x.shape)}; give dict batches with "
+                                 "an attention_mask of that shape")
+            self.per_sample = total // n
+
+    def mask(self, batch) -> Optional[Tensor]:
+        return token_mask(batch) if self.masked else None
+
+    def count(self, batch) -> int:
+        if self.masked:
+            return int(token_mask(batch).sum())
+        x = model_inputs(batch)
+        if self.prefix is not None:
+            return math.prod(x.shape[:self.prefix])
+        return x.shape[0] * self.per_sample
 
 
 def count_labels(batch, shift: bool) -> int:

@@ -133,6 +133,7 @@ class DistillationMethod:
         self.shift_labels = B.is_causal_lm(student) if shift_labels is None else bool(shift_labels)
         self.backend, self.forward_fn = backend, forward_fn
         self.phases: List[Phase] = []
+        self.row_rules: Dict[Any, B.RowRule] = {}
         # Student parameters the user left trainable: no phase ever trains any other.
         self.trainable_names = [n for n, p in student.named_parameters() if p.requires_grad]
 
@@ -152,17 +153,9 @@ class DistillationMethod:
         self._check_logits(sample_batch)
         return self.phases
 
-    def _check_rows(self, batch, lead, what: str) -> None:
-        """The batch's row count (real tokens) must describe ``lead`` (an output's leading dims)."""
-        mask = B.token_mask(batch)
-        if mask is not None:
-            if tuple(mask.shape) != tuple(lead):
-                raise ValueError(f"{self.name}: attention_mask {tuple(mask.shape)} does not match "
-                                 f"the {what}'s leading dimensions {tuple(lead)}")
-        elif B.count_rows(batch) != math.prod(lead):
-            raise ValueError(f"{self.name}: the batch has {B.count_rows(batch)} rows by its "
-                             f"inputs but the {what} has leading dimensions {tuple(lead)}; give "
-                             "dict batches with an attention_mask (True = real token)")
+    def _learn_rows(self, key, batch, lead) -> None:
+        """Fix how the rows of the loss ``key`` ("logits" or a layer pair) are counted."""
+        self.row_rules[key] = B.RowRule(batch, lead)
 
     def _check_logits(self, batch):
         if not any(p.kind == LOGIT_KL for p in self.phases):
@@ -179,7 +172,7 @@ class DistillationMethod:
                              f"{tuple(t.shape)} differ in shape; softmax-KL needs the same "
                              "leading dimensions and vocabulary (pass vocab_size= to compare "
                              "the first vocab_size entries of both)")
-        self._check_rows(batch, s.shape[:-1], "logits")
+        self._learn_rows("logits", batch, s.shape[:-1])
         if self.hard_label_weight > 0:
             labels = B.aligned_labels(batch, self.shift_labels)
             if labels is None:
@@ -204,9 +197,13 @@ class DistillationMethod:
         for n, p in self.student.named_parameters():
             p.requires_grad_(n in keep)
 
-    def batch_counts(self, batch) -> Tuple[int, int]:
-        """(real-token rows, hard-label rows) of a batch: the loss divisors' parts."""
-        return B.count_rows(batch), B.count_labels(batch, self.shift_labels)
+    def _rule(self, phase: Phase) -> B.RowRule:
+        return self.row_rules["logits" if phase.kind == LOGIT_KL else phase.pair]
+
+    def batch_counts(self, phase: Phase, batch) -> Tuple[int, int]:
+        """(real rows, hard-label rows) of a batch in ``phase``: the loss divisors' parts."""
+        labels = B.count_labels(batch, self.shift_labels) if phase.kind == LOGIT_KL else 0
+        return self._rule(phase).count(batch), labels
 
     @torch.inference_mode()
     def teacher_targets(self, phase: Phase, batch) -> torch.Tensor:
@@ -224,9 +221,9 @@ class DistillationMethod:
         """``(loss, parts)``: sums over the batch's real rows divided by ``norm = (rows,
         label_rows)``, the step's global counts (default: this batch's own). ``parts`` holds
         the detached terms: ``mse`` (projected-MSE phases), ``kd`` and ``ce`` (KL phases)."""
-        rows, label_rows = norm if norm is not None else self.batch_counts(batch)
+        rows, label_rows = norm if norm is not None else self.batch_counts(phase, batch)
         rows, label_rows = max(rows, 1), max(label_rows, 1)
-        mask = B.token_mask(batch)
+        mask = self._rule(phase).mask(batch)
         if phase.kind == LOGIT_KL:
             logits = logits_of(self.forward_fn(self.student, batch))
             kd = kd_loss_sum(logits, targets, temperature=self.temperature, mask=mask,
@@ -337,7 +334,7 @@ class CurriculumExtraction(DistillationMethod):
                 raise ValueError(f"layer_map pair {i} ({s!r} <- {t!r}): student hidden "
                                  f"{tuple(hs.shape)} and teacher hidden {tuple(ht.shape)} must "
                                  "have the same leading dimensions (..., d_s) / (..., d_t)")
-            self._check_rows(sample_batch, hs.shape[:-1], f"hidden state of {s!r}")
+            self._learn_rows(i, sample_batch, hs.shape[:-1])
             grads = torch.autograd.grad(hs.float().sum(), list(params.values()),
                                         allow_unused=True, retain_graph=True) if hs.requires_grad \
                 else [None] * len(params)

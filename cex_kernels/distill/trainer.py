@@ -82,6 +82,8 @@ class TrainConfig:
     print_schedule: bool = True
 
     def __post_init__(self):
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)
         hints = typing.get_type_hints(TrainConfig)
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(getattr(self, f.name), hints[f.name], f"train.{f.name}"))
@@ -276,7 +278,7 @@ class Trainer:
         for i, batch in enumerate(loader):
             if cfg.eval_batches is not None and i >= cfg.eval_batches:
                 break
-            n, n_lab = method.batch_counts(batch)
+            n, n_lab = method.batch_counts(phase, batch)
             rows, labels = rows + n, labels + n_lab
             batch = to_device(batch, device)
             with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
@@ -309,7 +311,7 @@ class Trainer:
         cfg, method, world = self.config, self.method, self.world
         t0 = time.perf_counter()
         batches = [self.data.next() for _ in range(cfg.grad_accum_steps)]
-        local = [method.batch_counts(b) for b in batches]
+        local = [method.batch_counts(phase, b) for b in batches]
         counts = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)],
                               dtype=torch.float64, device=device)
         if world > 1:
