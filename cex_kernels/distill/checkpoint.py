@@ -103,3 +103,18 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             f"; delete {path!r} to start over"
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
                               f"({type(exc).__name__}: {exc}){hint}") from exc
+
+
+def save_model(model: "torch.nn.Module", path: str) -> str:
+    """``model.save_pretrained(path)`` (safetensors) for Hugging Face models, else the state
+    dict as ``path/model.safetensors`` (``torch.save``-d ``model.pt`` without safetensors)."""
+    os.makedirs(path, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path)
+        return path
+    try:
+        from safetensors.torch import save_model as save_safetensors
+        save_safetensors(model, os.path.join(path, "model.safetensors"))
+    except ImportError:
+        torch.save(model.state_dict(), os.path.join(path, "model.pt"))
+    return path

@@ -62,10 +62,11 @@ def sparse_parity(n: int = 4096, d: int = 20, k: int = 3, seed: int = 0) -> Tens
 
 
 def random_tokens(n: int = 256, seq_len: int = 16, vocab_size: int = 64, seed: int = 0):
-    """Dict batches ``{"input_ids", "labels"}`` of random tokens (labels = next token)."""
+    """Dict rows ``{"input_ids", "labels"}`` of random tokens, ``labels = input_ids`` (the
+    Hugging Face causal-LM convention: the loss shifts them)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (n, seq_len + 1), generator=g)
-    return _DictDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+    return _DictDataset(ids, ids.clone())
 
 
 def token_rows(n: int = 256, min_len: int = 4, max_len: int = 16, vocab_size: int = 64,
