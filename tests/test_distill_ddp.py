@@ -97,6 +97,7 @@ def test_two_processes_match_one_with_padding_and_hard_labels(tmp_path):
     ranks = [torch.load(f"{out_file}.{r}", weights_only=False) for r in range(2)]
     diff = max((ranks[0]["params"][k] - v).abs().max().item()
                for k, v in single.state_dict().items())
+    print(f"max |param diff| DDP vs single process = {diff:.2e}")
     assert diff <= 1e-6, f"max |param diff| DDP vs single = {diff:.2e}"
     for key in ("loss", "mse", "kd", "ce", "tokens"):
         want = [r[key] for r in result.records if key in r]

@@ -297,6 +297,8 @@ class Trainer:
             os.makedirs(cfg.out_dir, exist_ok=True)
             ckpt_io.clean_temporary(cfg.out_dir)
         resume = self._prepare_out_dir()
+        if self.world > 1:
+            dist.barrier()  # every rank has inspected out_dir before rank 0 writes to it
         self.data = make_batches(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                  world=world, collate_fn=self.collate_fn,
                                  num_workers=cfg.num_workers)
