@@ -96,8 +96,10 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
             raise ValueError("not a cex-kernels trainer checkpoint")
         return ckpt
     except Exception as exc:  # truncated zip, unpickling errors, wrong content
-        older = [p for p in list_checkpoints(os.path.dirname(os.path.abspath(path)))
-                 if os.path.abspath(p) != os.path.abspath(path)]
+        found = [os.path.abspath(p) for p in
+                 list_checkpoints(os.path.dirname(os.path.abspath(path)))]
+        older = found[:found.index(os.path.abspath(path))] if os.path.abspath(path) in found \
+            else found
         hint = (f"; resume from the previous one with train.resume={older[-1]!r} "
                 f"(TrainConfig(resume=...)), or delete {path!r}") if older else \
             f"; delete {path!r} to start over"

@@ -46,6 +46,7 @@ from cex_kernels.distill.metrics import (METRICS_FILES, MetricsLogger, PhaseProg
 from cex_kernels.distill.schedule import Phase, format_schedule
 from cex_kernels.distill.train_config import TrainConfig, lr_lambda
 
+
 @dataclass
 class TrainResult:
     phases: List[Phase]
