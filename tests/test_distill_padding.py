@@ -187,3 +187,12 @@ def test_logged_losses_match_a_float64_oracle(name):
     assert first_kl["ce"] == pytest.approx(ce.item(), rel=1e-5)
     assert first_kl["loss"] == pytest.approx(0.5 * kl.item() + 0.5 * ce.item(), rel=1e-5)
     assert math.isfinite(first_kl["tokens_per_s"])
+
+
+def test_pad_token_ids_do_not_change_training_under_bf16_autocast():
+    data = rows("llama->qwen2")
+    a, ra = train("llama->qwen2", data, pad_token_id=0, amp=True)
+    b, _ = train("llama->qwen2", data, pad_token_id=61, amp=True)
+    for (n, x), y in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(x, y), n
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in ra.records)
