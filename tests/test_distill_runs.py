@@ -184,6 +184,10 @@ def test_save_pretrained_round_trip_and_models_from_directories(tmp_path, capsys
                                    rtol=0, atol=0)
     for k, v in method.teacher.state_dict().items():  # the teacher never trained
         assert torch.equal(v, teacher_state[k]), k
+    from cex_kernels.distill import ProgressiveDistillation
+    progressive = ProgressiveDistillation(teacher, student, [str(tmp_path / "teacher")])
+    early = progressive.teacher_for(progressive.build_phases()[0])  # a directory as checkpoint
+    assert early is not teacher and torch.equal(early.lm_head.weight, teacher_state["lm_head.weight"])
     # YAML: a directory, and the dotted from_pretrained import path with its kwargs.
     yaml = pytest.importorskip("yaml")
     from cex_kernels import cli

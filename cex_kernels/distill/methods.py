@@ -384,8 +384,8 @@ class OneShotDistillation(DistillationMethod):
 class ProgressiveDistillation(DistillationMethod):
     """Softmax-KL to each intermediate teacher checkpoint in turn, then the final teacher.
 
-    ``teacher_checkpoints``: modules, state dicts (loaded into a copy of ``teacher``) or
-    paths to ``torch.save``-d state dicts, earliest first. ``checkpoint_budget``: one budget
+    ``teacher_checkpoints``: modules, state dicts (loaded into a copy of ``teacher``),
+    paths to ``torch.save``-d state dicts or ``save_pretrained`` directories, earliest first. ``checkpoint_budget``: one budget
     for each, or a list. Only the current phase's checkpoint is kept in memory.
     """
 
@@ -416,6 +416,9 @@ class ProgressiveDistillation(DistillationMethod):
             return self.teacher
         if self._loaded[0] != k:
             ckpt = self.teacher_checkpoints[k]
+            if isinstance(ckpt, (str, os.PathLike)) and os.path.isdir(ckpt):
+                from cex_kernels.distill.registry import load_model
+                ckpt = load_model(ckpt)  # a save_pretrained directory
             if not isinstance(ckpt, nn.Module):
                 if not isinstance(ckpt, dict):
                     ckpt = torch.load(ckpt, map_location="cpu", weights_only=True)
