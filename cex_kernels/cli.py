@@ -4,7 +4,7 @@
               [--json PATH] [--md PATH] [--plot DIR]
     cex backends
     cex aot [--arch 80 90] [--json PATH]      (= python -m cex_kernels.triton.aot)
-    cex distill --config run.json|run.yaml   (curriculum extraction and baselines)
+    cex distill --config run.yaml [--resume|--overwrite]   (curriculum extraction and baselines)
     cex demo [--quick] [--out DIR] [--device cpu|cuda]   (sparse parity + a short benchmark)
 """
 from __future__ import annotations
@@ -94,12 +94,18 @@ def _distill(args) -> int:
 
     import torch.distributed as dist
 
-    from cex_kernels.distill.config import run_config
+    from cex_kernels.distill.checkpoint import CheckpointError
+    from cex_kernels.distill.config import build_run, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank = 0
     try:
-        result = run_config(args.config)
-    except (ValueError, FileNotFoundError) as exc:  # config, layer-map, shape, budget errors
+        # Everything a config can get wrong is raised here, before the first step.
+        trainer = build_run(load_config(args.config), resume=args.resume,
+                            overwrite=args.overwrite)
+        result = trainer.fit()
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        # config, layer-map, shape, budget, out_dir and checkpoint errors
         print(f"cex distill: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -109,7 +115,7 @@ def _distill(args) -> int:
     if rank != 0:
         return 0
     print(json.dumps({"global_step": result.global_step, "stopped_early": result.stopped_early,
-                      "phase_flops": result.phase_flops,
+                      "phase_flops": result.phase_flops, "student_dir": result.student_dir,
                       "final": result.records[-1] if result.records else None}))
     return 0
 
@@ -173,11 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     back.add_argument("--json", action="store_true", help="print one JSON object")
     back.set_defaults(func=_backends)
 
-    distill = sub.add_parser("distill", help="run a distillation (curriculum extraction, "
-                             "one-shot or progressive) described by a config file",
-                             description="Train a student from a JSON (or, with PyYAML, YAML) "
-                                         "config; see cex_kernels/distill/config.py.")
-    distill.add_argument("--config", required=True, metavar="PATH", help="run.json or run.yaml")
+    from cex_kernels.distill.config import SCHEMA
+    distill = sub.add_parser(
+        "distill", help="run a distillation (curriculum extraction, one-shot or progressive) "
+                        "described by a config file",
+        description="Train a student from a YAML (needs PyYAML) or JSON config. Examples: "
+                    "examples/sparse_parity.yaml, examples/hf_causal_lm.yaml. Exit status 2 "
+                    "for a config error (reported before the first step).",
+        epilog=SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill.add_argument("--config", required=True, metavar="PATH", help="run.yaml or run.json")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue the run in train.out_dir from its newest checkpoint "
+                              "(= train.resume: auto)")
+    distill.add_argument("--overwrite", action="store_true",
+                         help="start over in a train.out_dir that holds a previous run "
+                              "(= train.overwrite: true)")
     distill.set_defaults(func=_distill)
 
     demo = sub.add_parser(

@@ -8,6 +8,14 @@ from cex_kernels.distill import (Budget, CurriculumExtraction, HiddenStateCaptur
 from cex_kernels.distill.registry import MLP
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
 class TupleBlock(nn.Module):
     """Returns (hidden, extra) like a Hugging Face block."""
 
@@ -107,3 +115,56 @@ def test_budgets():
         Budget(steps=1, samples=2)
     with pytest.raises(ValueError, match="total_steps"):
         Budget(fraction=0.5).resolve(8)
+
+
+def _albert(width, n_layers):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AlbertConfig(vocab_size=40, embedding_size=8, hidden_size=width,
+                                    num_hidden_layers=n_layers, num_attention_heads=2,
+                                    intermediate_size=2 * width, max_position_embeddings=16,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return transformers.AlbertForMaskedLM(cfg)
+
+
+def test_a_module_called_several_times_needs_a_call_index():
+    """ALBERT runs one shared layer 4 times per forward: naming it alone is an error, and
+    ``name@k`` captures exactly call k (= output_hidden_states[k + 1]) in setup and training."""
+    torch.manual_seed(0)
+    teacher, student = _albert(16, 4), _albert(8, 2)
+    shared = "albert.encoder.albert_layer_groups.0"
+    batch = {"input_ids": torch.randint(0, 40, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    method = CurriculumExtraction(teacher, student, {shared: shared})
+    with pytest.raises(ValueError, match=r"student module '.*albert_layer_groups.0' is called 2 times"
+                                         r" per forward .*'albert.encoder.albert_layer_groups.0@0'"):
+        method.setup(batch)
+    with pytest.raises(ValueError, match=r"only 4 time\(s\)"):
+        CurriculumExtraction(teacher, student, {shared + "@1": shared + "@4"}).setup(batch)
+    method = CurriculumExtraction(teacher, student, {shared + "@0": shared + "@1",
+                                                     shared + "@1": shared + "@3"},
+                                  freeze_earlier=False)  # one shared layer: nothing new to freeze
+    method.setup(batch)
+    with torch.no_grad():
+        hs = teacher(**batch, output_hidden_states=True).hidden_states
+    for phase, k in zip(method.phases[:2], (2, 4)):  # teacher calls 1 and 3
+        torch.testing.assert_close(method.teacher_targets(phase, batch), hs[k], rtol=0, atol=0)
+    with HiddenStateCapture(student, [shared + "@1"]) as cap:
+        out = student(**batch, output_hidden_states=True)
+    torch.testing.assert_close(cap.hidden[shared + "@1"], out.hidden_states[2], rtol=0, atol=0)
+
+
+def test_hooks_capture_output_hidden_states_of_hf_blocks():
+    pytest.importorskip("transformers")
+    from test_distill_padding import make_pair
+    for name in ("gpt2", "llama->qwen2", "bert"):
+        teacher, student, layer_map = make_pair(name)
+        method = CurriculumExtraction(teacher, student, {f"{s}": f"{t}" for s, t in zip(
+            layer_map["student"], layer_map["teacher"][:2])})  # teacher blocks 0 and 1
+        batch = {"input_ids": torch.randint(1, 60, (2, 5)),
+                 "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])}
+        method.setup(batch)
+        with torch.no_grad():
+            hs = teacher(**batch, output_hidden_states=True).hidden_states
+        for phase, (_, t) in zip(method.phases, method.layer_map):
+            i = int(t.rsplit(".", 1)[1])  # (hs[-1] is after the final norm: not a block output)
+            torch.testing.assert_close(method.teacher_targets(phase, batch), hs[i + 1],
+                                       rtol=0, atol=0, msg=f"{name} {t}")

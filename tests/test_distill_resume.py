@@ -47,7 +47,7 @@ def test_resume_matches_an_uninterrupted_run_exactly(tmp_path, stop_at):
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
     assert resumed_result.phase_flops == full_result.phase_flops
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoint-00000010.pt", weights_only=False)
     assert ckpt["method"]["projections"][1] == {"seed": 8, "kind": "rademacher", "d_teacher": 32,
                                                 "d_student": 6, "learnable": False}
 

@@ -1,12 +1,50 @@
-"""Atomic checkpoints and the RNG states a bit-exact resume needs."""
+"""Atomic checkpoints, kept N at a time, and the RNG states a bit-exact resume needs.
+
+Checkpoints are ``out_dir/checkpoint-<global step>.pt`` (8 digits); the newest is the one
+with the highest step. A save writes a temporary file and renames it, so a crash mid-save
+never leaves a truncated checkpoint under a real name; leftover temporary files are removed
+by :func:`clean_temporary`.
+"""
 from __future__ import annotations
 
+import glob
 import os
 import random
+import re
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
+
+_NAME = re.compile(r"checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read (truncated or corrupt)."""
+
+
+def checkpoint_name(out_dir: str, global_step: int) -> str:
+    return os.path.join(out_dir, f"checkpoint-{global_step:08d}.pt")
+
+
+def list_checkpoints(out_dir: str) -> List[str]:
+    """``out_dir``'s checkpoints, oldest first."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*.pt"))
+             if _NAME.search(os.path.basename(p))]
+    return sorted(paths, key=lambda p: int(_NAME.search(os.path.basename(p)).group(1)))
+
+
+def prune_checkpoints(out_dir: str, keep: int) -> None:
+    for path in list_checkpoints(out_dir)[:-keep]:
+        os.unlink(path)
+
+
+def clean_temporary(out_dir: str) -> List[str]:
+    """Remove the temporary files an interrupted save left behind; return their paths."""
+    leftovers = glob.glob(os.path.join(glob.escape(out_dir), ".tmp-*.pt"))
+    for path in leftovers:
+        os.unlink(path)
+    return leftovers
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -50,5 +88,35 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:
-    # Our own files: they hold RNG tuples and numpy arrays, not only tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """Our own files (RNG tuples and numpy arrays, not only tensors). A file that does not
+    load raises :class:`CheckpointError` naming it and the previous checkpoint to use."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or "global_step" not in ckpt:
+            raise ValueError("not a cex-kernels trainer checkpoint")
+        return ckpt
+    except Exception as exc:  # truncated zip, unpickling errors, wrong content
+        found = [os.path.abspath(p) for p in
+                 list_checkpoints(os.path.dirname(os.path.abspath(path)))]
+        older = found[:found.index(os.path.abspath(path))] if os.path.abspath(path) in found \
+            else found
+        hint = (f"; resume from the previous one with train.resume={older[-1]!r} "
+                f"(TrainConfig(resume=...)), or delete {path!r}") if older else \
+            f"; delete {path!r} to start over"
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated "
+                              f"({type(exc).__name__}: {exc}){hint}") from exc
+
+
+def save_model(model: "torch.nn.Module", path: str) -> str:
+    """``model.save_pretrained(path)`` (safetensors) for Hugging Face models, else the state
+    dict as ``path/model.safetensors`` (``torch.save``-d ``model.pt`` without safetensors)."""
+    os.makedirs(path, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(path)
+        return path
+    try:
+        from safetensors.torch import save_model as save_safetensors
+        save_safetensors(model, os.path.join(path, "model.safetensors"))
+    except ImportError:
+        torch.save(model.state_dict(), os.path.join(path, "model.pt"))
+    return path

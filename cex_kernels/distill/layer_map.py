@@ -6,6 +6,8 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 from torch import nn
 
+from cex_kernels.distill.hooks import split_call
+
 LayerMap = List[Tuple[str, str]]
 LayerMapSpec = Union[Dict[str, str], Dict[str, Sequence[str]], Sequence[Tuple[str, str]]]
 
@@ -30,7 +32,11 @@ def evenly_spaced_layer_map(student_layers: Sequence[str], teacher_layers: Seque
 def _check_names(model: nn.Module, names: Sequence[str], which: str) -> None:
     known = [n for n, _ in model.named_modules() if n]
     known_set = set(known)
-    for name in names:
+    for spec in names:
+        try:
+            name, _ = split_call(spec)
+        except ValueError as exc:
+            raise LayerMapError(f"layer_map: {exc}") from None
         if name not in known_set:
             close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
             hint = f"; close matches: {close}" if close else f"; {which} modules: {known[:20]}"
@@ -43,7 +49,8 @@ def resolve_layer_map(student: nn.Module, teacher: nn.Module, spec: LayerMapSpec
     ``spec`` is a dict ``{student_name: teacher_name}``, a list of pairs, or
     ``{"student": [names...], "teacher": [names...]}`` to space evenly
     (:func:`evenly_spaced_layer_map`).
-    Names are dotted, as in ``named_modules()``; an unknown one raises :class:`LayerMapError`
+    Names are dotted, as in ``named_modules()``, with an optional call index ``@k`` for a
+    module called several times per forward (see :mod:`hooks`); an unknown one raises :class:`LayerMapError`
     listing the close matches.
     """
     if isinstance(spec, dict) and set(spec) == {"student", "teacher"} and all(

@@ -10,14 +10,36 @@ from typing import Any, Dict, Optional
 
 log = logging.getLogger("cex_kernels.distill")
 
-CSV_COLUMNS = ("phase_index", "phase", "step", "global_step", "samples", "loss", "lr",
-               "grad_norm", "flops", "elapsed_s")
+CSV_COLUMNS = ("phase_index", "phase", "step", "global_step", "samples", "tokens", "loss",
+               "mse", "kd", "ce", "lr", "grad_norm", "tokens_per_s", "flops", "elapsed_s")
+METRICS_FILES = ("metrics.jsonl", "metrics.csv")
+
+
+def truncate_metrics(out_dir: str, global_step: int) -> None:
+    """Drop the records after ``global_step`` (written after the checkpoint a run resumes
+    from), so a resumed run's logs hold each step once."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f
+                    if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
+        with open(path, "w") as f:
+            f.writelines(keep)
+    path = os.path.join(out_dir, "metrics.csv")
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(r for r in rows if int(r["global_step"]) <= global_step)
 
 
 class MetricsLogger:
     """Appends records to ``out_dir/metrics.jsonl`` and ``metrics.csv`` (and TensorBoard
-    scalars under ``out_dir/tb`` when ``torch.utils.tensorboard`` imports). Only rank 0
-    writes; without ``out_dir`` records are kept in memory only (``self.records``)."""
+    scalars under ``out_dir/tb`` when ``tensorboard`` is installed). Only rank 0 writes;
+    without ``out_dir`` records are kept in memory only (``self.records``). The trainer
+    truncates the files to the resumed checkpoint's step first (:func:`truncate_metrics`)."""
 
     def __init__(self, out_dir: Optional[str], *, enabled: bool = True, tensorboard: bool = True):
         self.records = []

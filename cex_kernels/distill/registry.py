@@ -1,9 +1,17 @@
 """Small models and datasets a config file can name (``"model": "mlp"``), next to Python
-import paths (``"model": "my_pkg.models:make_student"``)."""
+import paths (``"model": "my_pkg.models:make_student"``, ``"transformers:AutoModelForCausalLM.
+from_pretrained"``) and ``save_pretrained`` directories (``"model": "runs/teacher"``).
+
+Hugging Face models: ``hf_from_config`` builds one from a config (``model_type`` + config
+fields, checked: a misspelt field is an error), ``hf_pretrained`` loads a directory.
+"""
 from __future__ import annotations
 
+import difflib
 import importlib
-from typing import Callable, Dict, Sequence
+import json
+import os
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,10 +62,24 @@ def sparse_parity(n: int = 4096, d: int = 20, k: int = 3, seed: int = 0) -> Tens
 
 
 def random_tokens(n: int = 256, seq_len: int = 16, vocab_size: int = 64, seed: int = 0):
-    """Dict batches ``{"input_ids", "labels"}`` of random tokens (labels = next token)."""
+    """Dict rows ``{"input_ids", "labels"}`` of random tokens, ``labels = input_ids`` (the
+    Hugging Face causal-LM convention: the loss shifts them)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab_size, (n, seq_len + 1), generator=g)
-    return _DictDataset(ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    ids = torch.randint(0, vocab_size, (n, seq_len), generator=g)
+    return _DictDataset(ids, ids.clone())
+
+
+def token_rows(n: int = 256, min_len: int = 4, max_len: int = 16, vocab_size: int = 64,
+               seed: int = 0):
+    """Rows ``{"input_ids": [ints], "text": str}`` of random lengths in [min_len, max_len]: the
+    ``datasets`` format (Python lists, a string column the collator drops). Causal LMs get
+    ``labels = input_ids`` from the collator. A stand-in for a tokenized text dataset."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"token_rows: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=g).tolist()
+    return [{"input_ids": torch.randint(0, vocab_size, (k,), generator=g).tolist(),
+             "text": f"row {i}"} for i, k in enumerate(lengths)]
 
 
 class _DictDataset(torch.utils.data.Dataset):
@@ -71,16 +93,94 @@ class _DictDataset(torch.utils.data.Dataset):
         return {"input_ids": self.input_ids[i], "labels": self.labels[i]}
 
 
-MODELS: Dict[str, Callable] = {"mlp": MLP, "tiny_gpt2": tiny_gpt2}
-DATASETS: Dict[str, Callable] = {"sparse_parity": sparse_parity, "random_tokens": random_tokens}
+HF_TASKS = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM",
+            "sequence_classification": "AutoModelForSequenceClassification", "base": "AutoModel"}
+
+
+def _auto_class(task: str):
+    import transformers
+    if task not in HF_TASKS:
+        raise ValueError(f"task must be one of {sorted(HF_TASKS)}, got {task!r}")
+    return getattr(transformers, HF_TASKS[task])
+
+
+def hf_from_config(model_type: str, task: str = "causal_lm", **config) -> nn.Module:
+    """A randomly initialised Hugging Face model: ``AutoConfig.for_model(model_type,
+    **config)`` then ``AutoModelFor<task>.from_config``. Config fields are checked against
+    the model type's defaults (Hugging Face configs accept any name silently)."""
+    from transformers import AutoConfig
+    try:
+        default = AutoConfig.for_model(model_type)
+    except ValueError as exc:
+        raise ValueError(f"hf_from_config: {exc}") from None
+    known = set(default.to_dict()) | set(vars(default)) | set(getattr(default, "attribute_map", {}))
+    for key in config:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            raise ValueError(f"hf_from_config: {model_type} config has no field {key!r}" +
+                             (f"; did you mean {close}?" if close else ""))
+    return _auto_class(task).from_config(AutoConfig.for_model(model_type, **config))
+
+
+def hf_pretrained(path: str, task: Optional[str] = None, **kwargs) -> nn.Module:
+    """``from_pretrained(path, **kwargs)`` of a ``save_pretrained`` directory: the class named
+    in its ``config.json`` (``architectures``), or ``AutoModelFor<task>`` when given."""
+    import transformers
+    if task is not None:
+        return _auto_class(task).from_pretrained(path, **kwargs)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"{path!r} is not a save_pretrained directory (no config.json)")
+    with open(config_file) as f:
+        archs = json.load(f).get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs else None
+    if cls is None:
+        raise ValueError(f"{config_file}: cannot tell the model class (architectures={archs}); "
+                         "give task: causal_lm / masked_lm / ...")
+    return cls.from_pretrained(path, **kwargs)
+
+
+def load_model(spec) -> nn.Module:
+    """An ``nn.Module`` as given, or a ``save_pretrained`` directory loaded."""
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, (str, os.PathLike)) and os.path.isdir(spec):
+        return hf_pretrained(os.fspath(spec))
+    raise TypeError(f"expected an nn.Module or a save_pretrained directory, got {spec!r}")
+
+
+MODELS: Dict[str, Callable] = {"mlp": MLP, "tiny_gpt2": tiny_gpt2, "hf_from_config": hf_from_config,
+                               "hf_pretrained": hf_pretrained}
+DATASETS: Dict[str, Callable] = {"sparse_parity": sparse_parity, "random_tokens": random_tokens,
+                                 "token_rows": token_rows}
 
 
 def lookup(name: str, table: Dict[str, Callable], what: str) -> Callable:
-    """A registry entry, or ``module.path:attr`` imported."""
+    """A registry entry, ``package.module:attr`` (``attr`` may be dotted:
+    ``transformers:AutoModelForCausalLM.from_pretrained``) imported, or, for models, a
+    ``save_pretrained`` directory (loaded by :func:`hf_pretrained`)."""
     if name in table:
         return table[name]
+    if what == "model" and os.path.isdir(name):
+        return lambda **kwargs: hf_pretrained(name, **kwargs)
     if ":" in name:
         module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
-    raise ValueError(f"unknown {what} {name!r}: use one of {sorted(table)} or an import path "
-                     "'package.module:function'")
+        try:
+            obj = importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(f"{what} {name!r}: cannot import {module!r} ({exc})") from None
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                close = difflib.get_close_matches(part, [n for n in dir(obj) if not n.startswith("_")], n=3)
+                raise ValueError(f"{what} {name!r}: {getattr(obj, '__name__', obj)!s} has no "
+                                 f"attribute {part!r}" + (f"; did you mean {close}?" if close else ""))
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise ValueError(f"{what} {name!r} is not callable")
+        return obj
+    close = difflib.get_close_matches(name, sorted(table), n=3)
+    if os.sep in name or name.startswith("."):
+        raise ValueError(f"{what} {name!r}: no such directory")
+    raise ValueError(f"unknown {what} {name!r}" + (f"; did you mean {close}?" if close else "") +
+                     f": use one of {sorted(table)}, an import path 'package.module:function'" +
+                     (" or a save_pretrained directory" if what == "model" else ""))

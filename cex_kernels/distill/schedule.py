@@ -56,6 +56,10 @@ def as_budget(x: BudgetLike) -> Budget:
             raise ValueError(f"a float budget is a fraction of the total, in (0, 1]; got {x}")
         return Budget(fraction=x)
     if isinstance(x, dict):
+        unknown = set(x) - {"steps", "samples", "fraction"}
+        if unknown:
+            raise ValueError(f"budget {x}: unknown key(s) {sorted(unknown)}; use exactly one of "
+                             "steps, samples, fraction")
         return Budget(**x)
     raise TypeError(f"budget must be a Budget, int (steps), float (fraction) or dict, got {x!r}")
 

@@ -3,6 +3,11 @@ bottom). Per phase: set the trainable parameters, make a fresh optimizer (and sc
 then steps of ``grad_accum_steps`` micro-batches, each a teacher pass under
 ``inference_mode`` and a student forward/backward, clipping, logging, eval and checkpoints.
 
+Normalization: every loss is a sum over the real tokens of a micro-batch divided by the
+number of real tokens of the whole optimizer step (all micro-batches, all ranks; counted
+before the first forward and all-reduced), as Hugging Face's ``num_items_in_batch``. So k
+micro-batches equal one batch k times larger and W ranks equal one process, padding or not.
+
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is started here
 (gloo on CPU, NCCL on CUDA). Each rank holds a full teacher replica and its slice of every
 global batch; the student is wrapped per phase, together with the phase's loss, in
@@ -19,7 +24,9 @@ and the optimizer is built over the sharded DTensor parameters; checkpoints then
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -28,35 +35,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cex_kernels.distill.checkpoint import atomic_save, load_checkpoint, rng_state, set_rng_state
-from cex_kernels.distill.data import ShardedBatches, to_device
+from cex_kernels.distill import checkpoint as ckpt_io
+from cex_kernels.distill._validate import ConfigError
+from cex_kernels.distill.batch import is_causal_lm
+from cex_kernels.distill.data import PadCollator, forward_inputs, make_batches, to_device
 from cex_kernels.distill.flops import LinearFlopCounter
-from cex_kernels.distill.methods import DistillationMethod
-from cex_kernels.distill.metrics import MetricsLogger, PhaseProgress, log
+from cex_kernels.distill.methods import DistillationMethod, default_forward
+from cex_kernels.distill.metrics import (METRICS_FILES, MetricsLogger, PhaseProgress, log,
+                                         truncate_metrics)
 from cex_kernels.distill.schedule import Phase, format_schedule
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 32                 # global samples per micro-step (split over ranks)
-    grad_accum_steps: int = 1
-    total_steps: Optional[int] = None    # what fractional budgets are fractions of
-    total_samples: Optional[int] = None
-    lr: float = 1e-3                     # for the default AdamW factory
-    weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
-    amp: bool = False                    # bf16 torch.autocast around the forward passes
-    device: str = "auto"                 # "auto": cuda:LOCAL_RANK when available, else cpu
-    seed: int = 0                        # data order and (seed + rank) the torch RNG
-    out_dir: Optional[str] = None        # metrics.jsonl/csv, tb/, checkpoint.pt
-    checkpoint_every: int = 0            # steps; phase ends and stops always checkpoint
-    resume: Optional[str] = None         # a checkpoint path, or "auto": out_dir's if present
-    stop_after_steps: Optional[int] = None  # checkpoint and return after this global step
-    eval_every: int = 0                  # steps; 0 = only at phase ends
-    log_every: int = 10
-    progress_bar: bool = True
-    tensorboard: bool = True
-    print_schedule: bool = True
+from cex_kernels.distill.train_config import TrainConfig, lr_lambda
 
 
 @dataclass
@@ -66,6 +54,7 @@ class TrainResult:
     global_step: int
     stopped_early: bool
     records: List[Dict] = field(default_factory=list)
+    student_dir: Optional[str] = None    # where the distilled student was saved
 
 
 class _PhaseLoss(nn.Module):
@@ -75,8 +64,8 @@ class _PhaseLoss(nn.Module):
         super().__init__()
         self.student, self._method, self._phase = method.student, method, phase
 
-    def forward(self, batch, targets):
-        return self._method.student_loss(self._phase, batch, targets)
+    def forward(self, batch, targets, norm):
+        return self._method.student_loss(self._phase, batch, targets, norm)
 
 
 def _setup_distributed(device: str):
@@ -94,72 +83,154 @@ def _setup_distributed(device: str):
 
 
 class Trainer:
-    """``Trainer(method, dataset, config, optimizer_factory=..., scheduler_factory=...,
-    eval_fn=...).fit()``.
+    """``Trainer(method, dataset, config, eval_dataset=..., collate_fn=...,
+    optimizer_factory=..., scheduler_factory=..., eval_fn=...).fit()``.
 
-    ``optimizer_factory(params) -> Optimizer`` (default AdamW(lr, weight_decay));
-    ``scheduler_factory(optimizer, num_steps) -> LRScheduler`` (stepped once per optimizer
-    step; default none); ``eval_fn(student, phase, global_step) -> dict`` (called under
-    ``no_grad`` in eval mode; its numbers are logged). Both are rebuilt for every phase.
+    ``dataset``: map-style (``len``/``__getitem__``) or streaming (``IterableDataset``);
+    rows are tensors, tuples or dicts of lists (padded by :class:`PadCollator` unless
+    ``collate_fn`` is given). ``optimizer_factory(params) -> Optimizer`` (default
+    AdamW(lr, weight_decay)); ``scheduler_factory(optimizer, num_steps) -> LRScheduler``
+    (stepped once per optimizer step; default: the config's ``lr_schedule``/``warmup_steps``);
+    ``eval_dataset``: the phase loss, and the student's cross-entropy and perplexity when
+    the rows have labels, logged as ``eval_*``; ``eval_fn(student, phase, global_step) ->
+    dict`` (called under ``no_grad`` in eval mode; its numbers are logged). Optimizer and
+    scheduler are rebuilt for every phase.
     """
 
     def __init__(self, method: DistillationMethod, dataset, config: TrainConfig = None, *,
+                 eval_dataset=None, collate_fn: Callable = None,
                  optimizer_factory: Callable = None, scheduler_factory: Callable = None,
                  eval_fn: Callable = None):
+        if not isinstance(method, DistillationMethod):
+            raise TypeError(f"method must be a DistillationMethod, got {type(method).__name__}")
         self.method, self.dataset, self.config = method, dataset, config or TrainConfig()
+        self.eval_dataset = eval_dataset
         cfg = self.config
         self.optimizer_factory = optimizer_factory or (
             lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+        if scheduler_factory is None and (cfg.lr_schedule != "constant" or cfg.warmup_steps):
+            scheduler_factory = lambda opt, n: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
+                opt, lr_lambda(cfg, n))
         self.scheduler_factory, self.eval_fn = scheduler_factory, eval_fn
+        self.collate_fn = collate_fn or self._default_collator()
+
+    def _default_collator(self) -> PadCollator:
+        student, teacher = self.method.student, self.method.teacher
+        pad = self.config.pad_token_id
+        if pad is None:
+            pad = getattr(getattr(student, "config", None), "pad_token_id", None) or 0
+        columns = forward_inputs(student, teacher) \
+            if self.method.forward_fn is default_forward else None
+        return PadCollator(pad, columns=columns, causal_lm=is_causal_lm(student))
 
     @property
     def checkpoint_path(self) -> Optional[str]:
+        """The newest checkpoint in ``out_dir`` (None without one)."""
         d = self.config.out_dir
-        return os.path.join(d, "checkpoint.pt") if d else None
+        found = ckpt_io.list_checkpoints(d) if d else []
+        return found[-1] if found else None
 
     def _save(self, phase_index, step, global_step, opt, sched, flops):
-        if self.checkpoint_path is None:
+        if not self.config.out_dir:
             return
-        rngs = [rng_state()]
+        rngs = [ckpt_io.rng_state()]
         if self.world > 1:  # every rank's dropout stream, so a resume continues each exactly
             rngs = [None] * self.world
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, ckpt_io.rng_state())
         if self.rank != 0:
             return
-        atomic_save({"student": self.method.student.state_dict(),
-                     "method": self.method.state_dict(),
-                     "optimizer": opt.state_dict() if opt is not None and step else None,
-                     "scheduler": sched.state_dict() if sched is not None and step else None,
-                     "phase_index": phase_index, "step": step, "global_step": global_step,
-                     "data": self.data.state_dict(), "rng": rngs, "phase_flops": flops,
-                     "config": asdict(self.config)}, self.checkpoint_path)
+        ckpt_io.atomic_save(
+            {"student": self.method.student.state_dict(), "method": self.method.state_dict(),
+             "optimizer": opt.state_dict() if opt is not None and step else None,
+             "scheduler": sched.state_dict() if sched is not None and step else None,
+             "phase_index": phase_index, "step": step, "global_step": global_step,
+             "data": self.data.state_dict(), "rng": rngs, "phase_flops": flops,
+             "config": asdict(self.config)},
+            ckpt_io.checkpoint_name(self.config.out_dir, global_step))
+        ckpt_io.prune_checkpoints(self.config.out_dir, self.config.keep_checkpoints)
 
     def _evaluate(self, phase: Phase, global_step: int) -> Dict:
         student = self.method.student
         student.eval()
         with torch.no_grad():
-            out = dict(self.eval_fn(student, phase, global_step) or {})
+            out = dict(self.eval_fn(student, phase, global_step) or {}) if self.eval_fn else {}
+            if self.eval_dataset is not None:
+                out.update(self._eval_loss(phase))
         student.train()
         return out
 
+    def _eval_loss(self, phase: Phase) -> Dict[str, float]:
+        """The phase loss over the eval set (sums over real tokens / their count), and the
+        student's hard-label cross-entropy and perplexity when the rows have labels."""
+        from torch.utils.data import DataLoader
+
+        from cex_kernels.distill import batch as B
+        from cex_kernels.distill._losses import ce_loss_sum
+        from cex_kernels.distill.methods import logits_of
+        method, cfg, device = self.method, self.config, self.device
+        loader = DataLoader(self.eval_dataset, batch_size=cfg.batch_size,
+                            collate_fn=self.collate_fn)
+        sums: Dict[str, float] = {}
+        rows = labels = 0
+        for i, batch in enumerate(loader):
+            if cfg.eval_batches is not None and i >= cfg.eval_batches:
+                break
+            n, n_lab = method.batch_counts(phase, batch)
+            rows, labels = rows + n, labels + n_lab
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
+                targets = method.teacher_targets(phase, batch)
+                _, parts = method.student_loss(phase, batch, targets, (1, 1))
+                if n_lab and "ce" not in parts:
+                    logits = logits_of(method.forward_fn(method.student, batch))
+                    parts["ce"] = ce_loss_sum(logits, B.aligned_labels(batch, method.shift_labels))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        out = {}
+        if "mse" in sums:
+            out["eval_loss"] = out["eval_mse"] = sums["mse"] / max(rows, 1)
+        if "kd" in sums:
+            out["eval_kd"] = sums["kd"] / max(rows, 1)
+        if "ce" in sums and labels:
+            out["eval_ce"] = sums["ce"] / labels
+            out["eval_ppl"] = math.exp(min(out["eval_ce"], 50.0))
+        if "kd" in sums:
+            w = method.hard_label_weight
+            out["eval_loss"] = (1 - w) * out["eval_kd"] + (w * out["eval_ce"] if w else 0.0)
+        return out
+
     def _step(self, model, phase, opt, sched, params, device):
-        """One optimizer step over ``grad_accum_steps`` micro-batches: (loss, grad norm, lr, FLOPs)."""
-        cfg, method, accum = self.config, self.method, self.config.grad_accum_steps
-        loss_sum = 0.0
+        """One optimizer step over ``grad_accum_steps`` micro-batches: (logged values, FLOPs).
+
+        The step's micro-batches are drawn first, to count its real tokens (and hard labels)
+        over all micro-batches and ranks; each micro-batch's loss is its sum over real
+        tokens divided by those counts, so the gradients add up to the large batch's."""
+        cfg, method, world = self.config, self.method, self.world
+        t0 = time.perf_counter()
+        batches = [self.data.next() for _ in range(cfg.grad_accum_steps)]
+        local = [method.batch_counts(phase, b) for b in batches]
+        counts = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)],
+                              dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(counts)
+        norm = (float(counts[0]), float(counts[1]))
+        totals: Dict[str, torch.Tensor] = {}
         with LinearFlopCounter(method.teacher_for(phase), method.student) as counter:
-            for micro in range(accum):
-                batch = to_device(self.data.next(), device)
+            for micro, (batch, (rows, _)) in enumerate(zip(batches, local)):
+                batch = to_device(batch, device)
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                     targets = method.teacher_targets(phase, batch)
-                counter.flops += method.loss_flops(phase, targets)
+                counter.flops += method.loss_flops(phase, targets, rows)
                 # Only the last micro-batch all-reduces gradients.
-                skip_sync = self.world > 1 and micro < accum - 1
+                skip_sync = world > 1 and micro < cfg.grad_accum_steps - 1
                 with model.no_sync() if skip_sync else contextlib.nullcontext():
                     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
-                        loss = model(batch, targets)
-                    (loss / accum).backward()
-                loss_sum += loss.item() / accum
-                del batch, targets, loss  # release the teacher's activations now
+                        loss, parts = model(batch, targets, norm)
+                    # DDP averages gradients over ranks; the loss is a share of a global sum.
+                    (loss * world).backward()
+                for k, v in {"loss": loss.detach(), **parts}.items():
+                    totals[k] = totals.get(k, 0.0) + v.double()
+                del batch, targets, loss, parts  # release the teacher's activations now
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                      if cfg.max_grad_norm else None)
         lr = opt.param_groups[0]["lr"]  # the rate this step used
@@ -167,17 +238,71 @@ class Trainer:
         if sched is not None:
             sched.step()
         opt.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm, lr, counter.flops
+        names = sorted(totals)
+        values = torch.stack([totals[k] for k in names])
+        if world > 1:  # the logged loss is the global one, not this rank's share
+            dist.all_reduce(values)
+        logged = dict(zip(names, values.tolist()))
+        logged.update(lr=lr, grad_norm=grad_norm, tokens=int(norm[0]),
+                      tokens_per_s=round(norm[0] / max(time.perf_counter() - t0, 1e-9), 1))
+        return logged, counter.flops
+
+    def _prepare_out_dir(self) -> Optional[str]:
+        """The checkpoint to resume from, after refusing to mix a new run into an old one."""
+        cfg = self.config
+        if cfg.resume and cfg.resume != "auto":
+            return cfg.resume
+        if not cfg.out_dir:
+            return None
+        newest = self.checkpoint_path if cfg.resume == "auto" else None
+        if newest:
+            return newest
+        old = [f for f in METRICS_FILES if os.path.exists(os.path.join(cfg.out_dir, f))]
+        old += [os.path.basename(p) for p in ckpt_io.list_checkpoints(cfg.out_dir)]
+        if old and not (cfg.overwrite or cfg.resume == "auto"):
+            raise ConfigError(f"out_dir {cfg.out_dir!r} holds a previous run ({', '.join(old)}): "
+                              "set train.resume='auto' (cex distill --resume) to continue it or "
+                              "train.overwrite=true (--overwrite) "
+                              "to start over")
+        if old:  # overwrite, or resume='auto' before any checkpoint: the old logs go
+            if self.world > 1:
+                dist.barrier()  # every rank has looked before rank 0 removes
+            if self.rank == 0:
+                for name in old:
+                    os.unlink(os.path.join(cfg.out_dir, name))
+                shutil.rmtree(os.path.join(cfg.out_dir, "tb"), ignore_errors=True)
+            if self.world > 1:
+                dist.barrier()
+        return None
 
     def fit(self) -> TrainResult:
         cfg, method = self.config, self.method
         self.rank, self.world, device = _setup_distributed(cfg.device)
-        world = self.world
+        self.device, world = device, self.world
         torch.manual_seed(cfg.seed + self.rank)
+        teacher = method.teacher
+        teacher_flags = ([m.training for m in teacher.modules()],
+                         [p.requires_grad for p in teacher.parameters()])
+        try:
+            return self._fit(cfg, method, device, world)
+        finally:  # the teacher as the caller gave it
+            for m, training in zip(teacher.modules(), teacher_flags[0]):
+                m.training = training
+            for p, flag in zip(teacher.parameters(), teacher_flags[1]):
+                p.requires_grad_(flag)
+
+    def _fit(self, cfg, method, device, world) -> TrainResult:
         method.teacher.to(device).eval().requires_grad_(False)
         student = method.student.to(device)
-        self.data = ShardedBatches(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
-                                   world=world)
+        if cfg.out_dir and self.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            ckpt_io.clean_temporary(cfg.out_dir)
+        resume = self._prepare_out_dir()
+        if self.world > 1:
+            dist.barrier()  # every rank has inspected out_dir before rank 0 writes to it
+        self.data = make_batches(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
+                                 world=world, collate_fn=self.collate_fn,
+                                 num_workers=cfg.num_workers)
         student.eval()  # setup's probe pass: no dropout, no BatchNorm statistics update
         phases = method.setup(to_device(self.data.peek(), device))
         student.train()
@@ -193,17 +318,16 @@ class Trainer:
 
         ckpt, start_phase, start_step, global_step = None, 0, 0, 0
         flops = [0] * len(phases)
-        resume = self.checkpoint_path if cfg.resume == "auto" else cfg.resume
-        if resume and os.path.exists(resume):
-            ckpt = load_checkpoint(resume)
+        if resume:
+            ckpt = ckpt_io.load_checkpoint(resume)
             student.load_state_dict(ckpt["student"])
             method.load_state_dict(ckpt["method"])
             self.data.load_state_dict(ckpt["data"])
-            set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
+            ckpt_io.set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
             start_phase, start_step = ckpt["phase_index"], ckpt["step"]
             global_step, flops = ckpt["global_step"], list(ckpt["phase_flops"])
-        elif cfg.resume and cfg.resume != "auto":
-            raise FileNotFoundError(f"resume checkpoint {cfg.resume!r} does not exist")
+            if cfg.out_dir and self.rank == 0:
+                truncate_metrics(cfg.out_dir, global_step)
         self.global_step = global_step
         metrics = MetricsLogger(cfg.out_dir, enabled=self.rank == 0, tensorboard=cfg.tensorboard)
 
@@ -213,7 +337,10 @@ class Trainer:
         finally:  # also on errors and early stops: leave the student's flags as they were
             method.restore_trainable()
             metrics.close()
-        return TrainResult(phases, flops, self.global_step, stopped, metrics.records)
+        student_dir = None
+        if not stopped and cfg.out_dir and cfg.save_student and self.rank == 0:
+            student_dir = ckpt_io.save_model(student, os.path.join(cfg.out_dir, "student"))
+        return TrainResult(phases, flops, self.global_step, stopped, metrics.records, student_dir)
 
     def _run_phases(self, phases, start_phase, start_step, global_step, flops, ckpt, metrics,
                     device) -> bool:
@@ -240,19 +367,19 @@ class Trainer:
                                      bar=cfg.progress_bar and self.rank == 0,
                                      log_every=cfg.log_every if self.rank == 0 else 0)
             stop = False
+            evaluate = self.eval_fn is not None or self.eval_dataset is not None
             while step < phase.steps:
-                loss, grad_norm, lr, step_flops = self._step(model, phase, opt, sched, params, device)
+                logged, step_flops = self._step(model, phase, opt, sched, params, device)
                 step, global_step = step + 1, global_step + 1
                 self.global_step = global_step
                 flops[pi] += step_flops
-                progress.update(step, loss)
+                progress.update(step, logged["loss"])
                 if step == phase.steps or (cfg.log_every and step % cfg.log_every == 0):
                     metrics.log({"phase_index": pi, "phase": phase.name, "step": step,
                                  "global_step": global_step, "samples": step * samples_per_step,
-                                 "loss": loss, "lr": lr,
-                                 "grad_norm": grad_norm, "flops": flops[pi],
+                                 **logged, "flops": flops[pi],
                                  "elapsed_s": round(time.perf_counter() - t0, 3)})
-                if self.eval_fn and cfg.eval_every and step % cfg.eval_every == 0 and step < phase.steps:
+                if evaluate and cfg.eval_every and step % cfg.eval_every == 0 and step < phase.steps:
                     metrics.log({"phase_index": pi, "phase": phase.name, "global_step": global_step,
                                  **self._evaluate(phase, global_step)})
                 if cfg.checkpoint_every and global_step % cfg.checkpoint_every == 0:
@@ -264,7 +391,7 @@ class Trainer:
             progress.close()
             if stop and step < phase.steps:
                 return True
-            if self.eval_fn:
+            if evaluate:
                 metrics.log({"phase_index": pi, "phase": phase.name, "global_step": global_step,
                              "end_of_phase": True, **self._evaluate(phase, global_step)})
             self._save(pi + 1, 0, global_step, None, None, flops)
