@@ -589,3 +589,29 @@ def test_linear_kl_soft_and_hard_weights_and_parts(backend, soft, hard, reductio
                                       hard_label_weight=hard, return_parts=True, backend=backend)
     out = module(h, w, t, labels=labels)
     assert isinstance(out, tuple) and len(out) == 3
+
+
+@pytest.mark.parametrize("device,backend", CPU_BACKENDS)
+def test_teacher_from_inference_mode(device, backend):
+    # A teacher run under torch.inference_mode gives inference tensors, which autograd
+    # refuses to save: the ops keep them as references, first and second order alike.
+    s, t = logits(4, 9, seed=20)
+    h, w = torch.randn(4, 5), torch.randn(9, 5)
+    p, th = torch.randn(6, 5), torch.randn(4, 6)
+    with torch.inference_mode():
+        t_inf, th_inf = t.clone(), th.clone()
+    cases = [
+        (lambda x, tt: cex_kernels.jsd(x, tt, beta=0.4, backend=backend), s, t, t_inf),
+        (lambda x, tt: cex_kernels.linear_kl(x, w, tt, backend=backend), h, t, t_inf),
+        (lambda x, tt: cex_kernels.projected_mse(x, tt, p, backend=backend), h, th, th_inf),
+    ]
+    for fn, x, teacher, teacher_inf in cases:
+        for create_graph in (False, True):
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            (ga,) = torch.autograd.grad(fn(a, teacher_inf), a, create_graph=create_graph)
+            (gb,) = torch.autograd.grad(fn(b, teacher), b, create_graph=create_graph)
+            torch.testing.assert_close(ga, gb)
+            if create_graph:
+                (gga,) = torch.autograd.grad((ga ** 2).sum(), a)
+                (ggb,) = torch.autograd.grad((gb ** 2).sum(), b)
+                torch.testing.assert_close(gga, ggb)

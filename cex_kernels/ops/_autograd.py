@@ -97,3 +97,26 @@ def functorch_vmapped() -> bool:
         return False
     stack = get_stack() or ()
     return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
+def save_tensors(ctx, *tensors) -> None:
+    """``ctx.save_for_backward`` (with its check that nothing was modified in place), except
+    for inference-mode tensors (e.g. a teacher run under ``torch.inference_mode``), which
+    autograd refuses to save: those are kept as plain references. See :func:`saved_tensors`."""
+    ctx.inference_tensors = {i: t for i, t in enumerate(tensors)
+                             if t is not None and t.is_inference()}
+    ctx.save_for_backward(*(None if i in ctx.inference_tensors else t
+                            for i, t in enumerate(tensors)))
+
+
+def saved_tensors(ctx) -> list:
+    saved = list(ctx.saved_tensors)
+    for i, t in ctx.inference_tensors.items():
+        saved[i] = t
+    return saved
+
+
+def as_constant(t):
+    """An inference-mode tensor cannot take part in a recorded computation (autograd would
+    have to save it): use a normal copy of it there, as a constant."""
+    return t.clone() if t is not None and t.is_inference() else t

@@ -30,7 +30,8 @@ from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence
-from cex_kernels.ops._autograd import (create_graph_requested, scale_saved,
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
+                                       saved_tensors, scale_saved,
                                        under_functorch_differentiation)
 from cex_kernels.ops._divergence import DIRECTIONS
 
@@ -220,7 +221,7 @@ def _setup_context(ctx, inputs, output):
     grads = (None, None, None) if reduction == "none" else output[3:]
     # The inputs (references) for reduction="none", which recomputes in backward, and for a
     # create_graph backward.
-    ctx.save_for_backward(*grads, out_scale, hidden, weight, bias, teacher_logits,
+    save_tensors(ctx, *grads, out_scale, hidden, weight, bias, teacher_logits,
                           teacher_hidden, teacher_weight, teacher_bias, kd_weight, ce_weight,
                           labels)
 
@@ -256,12 +257,13 @@ def _backward(ctx, grad_loss, *_internal):
                            "cex_kernels.linear_kl, which sets it")
     hidden_dtype, weight_dtype = ctx.dtypes
     (g_h, g_w, g_b, out_scale, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias,
-     kd_w, ce_w, labels) = ctx.saved_tensors
+     kd_w, ce_w, labels) = saved_tensors(ctx)
     needs = ctx.needs_input_grad
     if create_graph_requested():  # differentiable: recompute with the eager formula
         inputs = (hidden, weight, bias)
         wanted = [i for i in range(3) if needs[i] and inputs[i] is not None]
-        loss = _eager_loss(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias,
+        loss = _eager_loss(ctx, *(as_constant(x) for x in (hidden, weight, bias, t_logits,
+                                                           t_hidden, t_weight, t_bias)),
                            kd_w, ce_w, labels, out_scale)
         grads = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad_loss,
                                     create_graph=True)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
-from cex_kernels.ops._autograd import (create_graph_requested, scale_saved,
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
+                                       saved_tensors, scale_saved,
                                        under_functorch_differentiation)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -97,7 +98,7 @@ def _setup_context(ctx, inputs, output):
                          if reduction == "mean" and student.dtype == torch.float16 else None)
     # The inputs are kept (references) for the teacher/projection GEMMs and for a
     # create_graph backward.
-    ctx.save_for_backward(grad, student, teacher, projection)
+    save_tensors(ctx, grad, student, teacher, projection)
 
 
 def _eager_loss(reduction, student, teacher, projection):
@@ -114,13 +115,14 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:
         raise RuntimeError("cex::projected_mse was called with compute_grad=False, so it kept no "
                            "gradient; call cex_kernels.projected_mse, which sets it")
-    grad, student, teacher, projection = ctx.saved_tensors
+    grad, student, teacher, projection = saved_tensors(ctx)
     if grad_loss is None:  # the loss did not reach the output being differentiated
         return None, None, None, None, None, None
     inputs = (student, teacher, projection)
     needed = [i for i in range(3) if ctx.needs_input_grad[i]]
     if create_graph_requested():  # differentiable: recompute with the eager formula
-        grads = torch.autograd.grad(_eager_loss(ctx.reduction, *inputs),
+        loss = _eager_loss(ctx.reduction, *(as_constant(x) for x in inputs))
+        grads = torch.autograd.grad(loss,
                                     [inputs[i] for i in needed], grad_loss, create_graph=True)
         out = [None] * 6
         for i, g in zip(needed, grads):

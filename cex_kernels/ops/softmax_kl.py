@@ -17,7 +17,8 @@ from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence
-from cex_kernels.ops._autograd import (create_graph_requested, scale_saved,
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
+                                       saved_tensors, scale_saved,
                                        under_functorch_differentiation)
 from cex_kernels.ops._divergence import DIRECTIONS, REDUCTIONS  # noqa: F401  (re-exported)
 
@@ -61,7 +62,7 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction, ctx.temperature, ctx.beta = reduction, temperature, beta
     ctx.computed = (grad_student, grad_teacher)
     # The inputs only for a create_graph backward (references, not copies).
-    ctx.save_for_backward(grad_s, grad_t, out_scale, student, teacher, row_weight)
+    save_tensors(ctx, grad_s, grad_t, out_scale, student, teacher, row_weight)
 
 
 def _eager_loss(ctx, student, teacher, row_weight, out_scale):
@@ -77,12 +78,13 @@ def _eager_loss(ctx, student, teacher, row_weight, out_scale):
 def _backward(ctx, grad_loss, _gs, _gt):
     if grad_loss is None:  # the loss did not reach what is being differentiated
         return (None,) * 10
-    grad_s, grad_t, out_scale, student, teacher, row_weight = ctx.saved_tensors
+    grad_s, grad_t, out_scale, student, teacher, row_weight = saved_tensors(ctx)
     needed = [i for i in (0, 1) if ctx.needs_input_grad[i]]
     out = [None] * 10
     if create_graph_requested():  # differentiable: recompute with the eager formula
         inputs = (student, teacher)
-        grads = torch.autograd.grad(_eager_loss(ctx, student, teacher, row_weight, out_scale),
+        loss = _eager_loss(ctx, as_constant(student), as_constant(teacher), row_weight, out_scale)
+        grads = torch.autograd.grad(loss,
                                     [inputs[i] for i in needed], grad_loss, create_graph=True)
         for i, g in zip(needed, grads):
             out[i] = g.to(inputs[i].dtype)
