@@ -69,14 +69,29 @@ def _want_cuda():
     return False
 
 
+def _write_build_info(with_cuda):
+    """Record the torch this build compiles against: the binary only works with that one,
+    and cex_kernels checks it at import instead of failing on a missing symbol (or worse)."""
+    path = os.path.join(HERE, "cex_kernels", "_build_info.py")
+    with open(path, "w") as f:
+        f.write("# Written by setup.py at build time; not tracked by git.\n"
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+                f"WITH_CUDA = {bool(with_cuda)!r}\n")
+
+
 def extensions():
     _check_cxx_compiler()
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    # -g0 / -s: no debug information or symbol table in the shipped binary (13 MB -> a
+    # fraction of that); the dynamic symbols Python and libtorch need stay.
+    strip = ["-s"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++17", "-g0"] + openmp
+    want_cuda = _want_cuda()
+    _write_build_info(want_cuda)
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
-    if not _want_cuda():
+    if not want_cuda:
         return [CppExtension("cex_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
-                             extra_link_args=openmp)]
+                             extra_link_args=openmp + strip)]
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("CEX_CUDA_ARCHS", "8.0;9.0a"))
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     return [CUDAExtension(
@@ -84,7 +99,7 @@ def extensions():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         define_macros=[("CEX_WITH_CUDA", "1")],
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-        extra_link_args=openmp,
+        extra_link_args=openmp + strip,
     )]
 
 

@@ -13,13 +13,33 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
-try:
-    from cex_kernels import _C  # noqa: F401  (compiled extension)
-except ImportError as _exc:  # a source checkout that was never built
-    _C = None
-    _C_IMPORT_ERROR = str(_exc)
+def _built_for_another_torch():
+    """The torch version the extension was built against, when it is not the one running
+    (the binary then fails on a missing symbol, or crashes later): else None."""
+    try:
+        from cex_kernels._build_info import TORCH_VERSION
+    except ImportError:  # built by an older setup.py, or never built
+        return None
+    return TORCH_VERSION if TORCH_VERSION != torch.__version__ else None
+
+
+_C = None
+_other_torch = _built_for_another_torch()
+if _other_torch is not None:
+    _C_IMPORT_ERROR = (f"it was built against torch {_other_torch} but torch {torch.__version__} "
+                       "is installed; rebuild it against this torch "
+                       "(`pip install --no-build-isolation -e .` or `bash scripts/setup.sh`)")
+    import warnings
+    warnings.warn(f"cex_kernels: the compiled kernels are disabled: {_C_IMPORT_ERROR}. Until "
+                  "then backend='auto' falls back to the eager reference backend on the CPU.",
+                  RuntimeWarning, stacklevel=2)
 else:
-    _C_IMPORT_ERROR = ""
+    try:
+        from cex_kernels import _C  # noqa: F401  (compiled extension)
+    except ImportError as _exc:  # a source checkout that was never built
+        _C_IMPORT_ERROR = str(_exc)
+    else:
+        _C_IMPORT_ERROR = ""
 
 # The Triton kernels need Triton 3.6 or newer (the language and compiler APIs they use).
 # torch < 2.10 pins an older Triton for its own compiler, and a newer one breaks that
@@ -59,7 +79,9 @@ def backends() -> dict:
 
 def _unavailable_reason(name: str) -> str:
     if name in ("cpu", "cuda") and _C is None:
-        return (f"the compiled extension cex_kernels._C failed to import ({_C_IMPORT_ERROR}); "
+        return (f"the compiled extension cex_kernels._C is not usable: {_C_IMPORT_ERROR}"
+                if _other_torch is not None else
+                f"the compiled extension cex_kernels._C failed to import ({_C_IMPORT_ERROR}); "
                 "build it with `pip install --no-build-isolation -e .`")
     if name == "cuda":
         return ("cex_kernels._C was built without CUDA (no nvcc or a CPU PyTorch at build "
