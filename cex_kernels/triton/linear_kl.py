@@ -273,7 +273,14 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     GPU config; by default the tables pick one by math mode and alignment. ``splits``
     forces the number of vocabulary splits (by default enough programs to fill a GPU twice;
     2 under the interpreter).
+
+    Under the interpreter (CPU tensors) bf16 inputs are computed in fp32: the interpreter's
+    bf16 ``tl.dot`` returns garbage (triton issue 11584; fp16 is fine). The outputs are fp32
+    either way; a GPU never takes that branch.
     """
+    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+        hidden, weight, teacher_logits = hidden.float(), weight.float(), teacher_logits.float()
+        bias = bias.float() if bias is not None else None
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
