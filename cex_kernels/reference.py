@@ -104,14 +104,20 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
     2-D logits, ``beta`` in [0, 1) (beta = 1 is handled by swapping the inputs). Returns
     ``(row_loss, grad_student, grad_teacher)``: ``row_loss[r] = w[r] * L_r`` (0 where
     ``w[r] == 0``) and ``grad = w[r] / T * dL_r/dz`` written from closed forms; fp32
-    accumulation (float64 for float64).
+    accumulation (float64 for float64). As every backend: the log-softmax is taken around
+    the raw row max, ``(x - max x) / T`` (exact for small T, large offsets and logits near
+    the float maximum), and a kept row whose loss is NaN gets NaN in every entry of each
+    requested gradient.
     """
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     w = row_weight.to(acc)[:, None]
     kept = w != 0
-    zs = student.to(acc) * inv_temperature
-    zt = teacher.to(acc) * inv_temperature
-    ls, lt = F.log_softmax(zs, dim=-1), F.log_softmax(zt, dim=-1)
+
+    def log_softmax(x):
+        x = x.to(acc)
+        return F.log_softmax((x - x.amax(-1, keepdim=True)) * inv_temperature, dim=-1)
+
+    ls, lt = log_softmax(student), log_softmax(teacher)
     p, q = ls.exp(), lt.exp()
     zero = torch.zeros((), dtype=acc, device=student.device)
     if beta == 0:  # KL(q || p)
@@ -127,7 +133,8 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
         d_s = torch.where(p == 0, zero, (1 - beta) * p * (ls - lm - ks))
         d_t = torch.where(q == 0, zero, beta * q * (lt - lm - kt))
     row_loss = torch.where(kept, w * loss, zero)[:, 0]
-    g_scale = w * inv_temperature
+    # The NaN rule: a NaN scale makes every entry NaN, even the 0 of a q == 0 entry.
+    g_scale = torch.where(torch.isnan(loss), math.nan, w * inv_temperature)
 
     def grad(d, want, like):
         if not want:

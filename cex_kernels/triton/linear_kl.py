@@ -1,20 +1,24 @@
 """Vocabulary-tiled linear + KL in Triton: the (N, V) logits never exist, not even in chunks.
 
 For student hidden states h (N, H), output layer W (V, H) (+ bias b), teacher logits t (N, V),
-temperature T, s = (h Wᵀ + b) / T and t' = t / T, each row's loss needs only a handful of
+temperature T and student logits z = h Wᵀ + b, each row's loss needs only a handful of
 running statistics, so the kernels keep those and recompute logit tiles instead of storing
 them (the Cut Cross-Entropy idea, extended to a teacher distribution):
 
 * ``linear_kl_stats_kernel`` (grid: row blocks x vocabulary splits) computes one
   BLOCK_M x BLOCK_V logit tile at a time on the tensor cores and folds it into online
-  statistics per row: max and sum of exp for the student (and at T = 1 for the hard-label
-  cross-entropy) and the teacher, and the cross terms
-  ``Xf = sum e^(t'-m_t) (t' - s)`` and ``Xr = sum e^(s-m_s) (s - t')``. The few splits
-  are merged with log-sum-exp algebra on the host side (O(N) work). Then
-  ``KL(q || p) = Xf / l_t - lse_t + lse_s`` and ``KL(p || q) = Xr / l_s - lse_s + lse_t``.
+  statistics per row, all taken around the raw (unscaled) row maxima m_s = max z and
+  m_t = max t, so nothing is ever scaled by 1/T before its max is subtracted (small T,
+  large constant offsets): ``l_s = sum e^((z-m_s)/T)`` (and at T = 1 for the hard-label
+  cross-entropy), ``l_t = sum e^((t-m_t)/T)``, and the cross terms on raw differences
+  ``Xf = sum e^((t-m_t)/T) (t - z)`` and ``Xr = sum e^((z-m_s)/T) (z - t)``. The few
+  splits are merged with log-sum-exp algebra on the host side (O(N) work). Then
+  ``KL(q || p) = (Xf / l_t - (m_t - m_s)) / T - log l_t + log l_s`` and
+  ``KL(p || q) = (Xr / l_s - (m_s - m_t)) / T - log l_s + log l_t``.
 * ``linear_kl_grad_kernel`` (grid: row blocks x vocabulary tiles) recomputes its tile,
-  forms ``g = dL/dlogits`` (``w/T (p - q)`` forward, ``w/T p (log p - log q - KL)``
-  reverse, plus ``w_ce (softmax(z) - onehot)``) and adds ``g W`` into d hidden and
+  forms ``g = dL/dlogits`` with ``log p = (z - m_s)/T - log l_s`` (log q alike):
+  ``w/T (p - q)`` forward, ``w/T p (log p - log q - KL)`` reverse, plus
+  ``w_ce (softmax(z) - onehot)``; it adds ``g W`` into d hidden and
   ``gᵀ h`` into d weight with fp32 atomics (so the summation order, and the last bits,
   vary between runs).
 
@@ -79,16 +83,18 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, row_mask, col_mask, H,
 
 
 @triton.jit
-def _online_update(m, l, x, z, other):
-    """Fold a tile into (max, sum e^(z-max), sum e^(z-max) (z - other)) per row.
+def _online_update(m, l, x, z, other, inv_t):
+    """Fold a tile of raw logits into (max, sum e^((z-max)/T), sum e^((z-max)/T) (z - other))
+    per row: the max is subtracted before the scaling, and the cross term is on raw
+    differences, so it never needs rescaling beyond the weights'.
 
     0 · anything = 0 (a zero-probability entry adds nothing, even against -inf), but a
     probable entry against -inf adds +inf, as the divergence says.
     """
     m_new = tl.maximum(m, tl.max(z, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(z - m_safe[:, None])
+    alpha = tl.exp((m - m_safe) * inv_t)
+    e = tl.exp((z - m_safe[:, None]) * inv_t)
     l = l * alpha + tl.sum(e, axis=1)
     x = x * alpha + tl.sum(tl.where(e > 0, e * (z - other), 0.0), axis=1)
     return m_new, l, x
@@ -132,15 +138,14 @@ def linear_kl_stats_kernel(
                          BLOCK_V, BLOCK_K)
         w_tile += BLOCK_V * stride_wv
         b_tile += BLOCK_V
-        s = tl.where(col_mask[None, :], z * inv_t, float("-inf"))
+        s = tl.where(col_mask[None, :], z, float("-inf"))  # raw: scaled only after max-subtraction
         t = tl.load(t_ptr + rows[:, None] * stride_tm + cols[None, :] * stride_tv,
                     mask=row_mask[:, None] & col_mask[None, :], other=float("-inf"))
-        t = t.to(tl.float32) * inv_t
-        m_s, l_s, x_r = _online_update(m_s, l_s, x_r, s, t)
-        m_t, l_t, x_f = _online_update(m_t, l_t, x_f, t, s)
+        t = t.to(tl.float32)
+        m_s, l_s, x_r = _online_update(m_s, l_s, x_r, s, t, inv_t)
+        m_t, l_t, x_f = _online_update(m_t, l_t, x_f, t, s, inv_t)
         if NEED_CE:
-            z1 = tl.where(col_mask[None, :], z, float("-inf"))
-            m_1, l_1, _unused = _online_update(m_1, l_1, zero, z1, z1)
+            m_1, l_1, _unused = _online_update(m_1, l_1, zero, s, s, 1.0)
             picked += tl.sum(tl.where(cols[None, :] == label[:, None], z, 0.0), axis=1)
     # stats layout (splits, N_STATS, N), fp32
     out = stats_ptr + split.to(tl.int64) * 9 * N + row0 + rows
@@ -167,8 +172,9 @@ def linear_kl_grad_kernel(
 ):
     """g = dL/dlogits for one tile, then d hidden += g W and d weight += gᵀ h (fp32 atomics).
 
-    row_ptr: (6, N) fp32 per-row values: lse_s, lse_t (at T, scaled units), the reverse KL,
-    lse at T = 1, the KD weight (mask x T² x divisor x upstream) and the CE weight.
+    row_ptr: (8, N) fp32 per-row values: the raw maxima m_s, m_t and log l_s, log l_t (so
+    log p = (z - m_s)/T - log l_s), the reverse KL, lse at T = 1, the KD weight
+    (mask x T² x divisor x upstream) and the CE weight.
     """
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -192,23 +198,26 @@ def linear_kl_grad_kernel(
                      stride_hk, stride_wv, stride_wk, HAS_BIAS, INPUT_PRECISION, BLOCK_M,
                      BLOCK_V, BLOCK_K)
     r = row_ptr + row0 + rows
-    lse_s = tl.load(r, mask=row_mask, other=0.0)
-    lse_t = tl.load(r + N, mask=row_mask, other=0.0)
-    kd_w = tl.load(r + 4 * N, mask=row_mask, other=0.0)
+    m_s = tl.load(r, mask=row_mask, other=0.0)
+    log_l_s = tl.load(r + N, mask=row_mask, other=0.0)
+    m_t = tl.load(r + 2 * N, mask=row_mask, other=0.0)
+    log_l_t = tl.load(r + 3 * N, mask=row_mask, other=0.0)
+    kd_w = tl.load(r + 6 * N, mask=row_mask, other=0.0)
     t = tl.load(t_ptr + rows[:, None] * stride_tm + cols[None, :] * stride_tv,
-                mask=tile_mask, other=float("-inf")).to(tl.float32) * inv_t
-    log_p = z * inv_t - lse_s[:, None]
+                mask=tile_mask, other=float("-inf")).to(tl.float32)
+    log_p = (z - m_s[:, None]) * inv_t - log_l_s[:, None]
+    log_q = (t - m_t[:, None]) * inv_t - log_l_t[:, None]
     p = tl.exp(log_p)
     if REVERSE:  # d/ds of sum p (log p - log q): p (log p - log q - KL)
-        kl_r = tl.load(r + 2 * N, mask=row_mask, other=0.0)
-        g = tl.where(p > 0, p * (log_p - (t - lse_t[:, None]) - kl_r[:, None]), 0.0)
+        kl_r = tl.load(r + 4 * N, mask=row_mask, other=0.0)
+        g = tl.where(p > 0, p * (log_p - log_q - kl_r[:, None]), 0.0)
     else:  # d/ds of sum q (log q - log p): p - q
-        g = p - tl.exp(t - lse_t[:, None])
+        g = p - tl.exp(log_q)
     # Dropped rows (weight 0) contribute exactly nothing, even where their logits are odd.
     g = tl.where(kd_w[:, None] != 0, g * (kd_w * inv_t)[:, None], 0.0)
     if NEED_CE:
-        lse_1 = tl.load(r + 3 * N, mask=row_mask, other=0.0)
-        ce_w = tl.load(r + 5 * N, mask=row_mask, other=0.0)
+        lse_1 = tl.load(r + 5 * N, mask=row_mask, other=0.0)
+        ce_w = tl.load(r + 7 * N, mask=row_mask, other=0.0)
         label = tl.load(label_ptr + row0 + rows, mask=row_mask, other=-1)
         onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
         g += tl.where(ce_w[:, None] != 0, ce_w[:, None] * (tl.exp(z - lse_1[:, None]) - onehot), 0.0)
@@ -243,11 +252,11 @@ def _config(table, tensors, sizes):
     return table[(math_mode(first.dtype), aligned)]
 
 
-def _merge(m, l, x):
-    """Combine per-split (max, sum-exp, cross) statistics of shape (splits, N)."""
+def _merge(m, l, x, inv_t):
+    """Combine per-split (raw max, sum e^((z-max)/T), cross) statistics of shape (splits, N)."""
     m_all = m.max(dim=0).values
     m_safe = torch.where(torch.isinf(m_all) & (m_all < 0), torch.zeros_like(m_all), m_all)
-    scale = torch.exp(m - m_safe)
+    scale = torch.exp((m - m_safe) * inv_t)
     return m_all, (l * scale).sum(0), (torch.where(scale > 0, x * scale, 0.0)).sum(0)
 
 
@@ -264,7 +273,14 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     GPU config; by default the tables pick one by math mode and alignment. ``splits``
     forces the number of vocabulary splits (by default enough programs to fill a GPU twice;
     2 under the interpreter).
+
+    Under the interpreter (CPU tensors) bf16 inputs are computed in fp32: the interpreter's
+    bf16 ``tl.dot`` returns garbage (triton issue 11584; fp16 is fine). The outputs are fp32
+    either way; a GPU never takes that branch.
     """
+    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
+        hidden, weight, teacher_logits = hidden.float(), weight.float(), teacher_logits.float()
+        bias = bias.float() if bias is not None else None
     n_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
     device = hidden.device
@@ -294,22 +310,26 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
             hidden_size, v_per_split, *strides, inv_t, **common, BLOCK_M=bm, BLOCK_V=bv,
             BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
-    m_s, l_s, x_r = _merge(stats[:, 0], stats[:, 1], stats[:, 2])
-    m_t, l_t, x_f = _merge(stats[:, 3], stats[:, 4], stats[:, 5])
-    lse_s, lse_t = m_s + torch.log(l_s), m_t + torch.log(l_t)
-    kl = (x_r / l_s - lse_s + lse_t) if reverse else (x_f / l_t - lse_t + lse_s)
+    m_s, l_s, x_r = _merge(stats[:, 0], stats[:, 1], stats[:, 2], inv_t)
+    m_t, l_t, x_f = _merge(stats[:, 3], stats[:, 4], stats[:, 5], inv_t)
+    log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
+    # Raw differences first, scaled once: no lse of scaled logits cancels against another.
+    if reverse:
+        kl = (x_r / l_s - (m_s - m_t)) * inv_t - log_l_s + log_l_t
+    else:
+        kl = (x_f / l_t - (m_t - m_s)) * inv_t - log_l_t + log_l_s
     kept = kd_weight != 0
     rows = torch.where(kept, kd_weight * kl, torch.zeros_like(kl))
     lse_1 = torch.zeros_like(kl)
     if need_ce:
-        m_1, l_1, _ = _merge(stats[:, 6], stats[:, 7], torch.zeros_like(stats[:, 7]))
+        m_1, l_1, _ = _merge(stats[:, 6], stats[:, 7], torch.zeros_like(stats[:, 7]), 1.0)
         lse_1 = m_1 + torch.log(l_1)
         ce = lse_1 - stats[:, 8].sum(0)
         rows = rows + torch.where(ce_weight != 0, ce_weight * ce, torch.zeros_like(ce))
     if not want_grad:
         return rows, None, None, None
 
-    row_values = torch.stack([lse_s, lse_t, kl, lse_1, kd_weight.float(),
+    row_values = torch.stack([m_s, log_l_s, m_t, log_l_t, kl, lse_1, kd_weight.float(),
                               ce_weight.float() if need_ce else torch.zeros_like(kl)])
     d_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
     d_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)

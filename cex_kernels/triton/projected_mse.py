@@ -165,7 +165,16 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
     the autotuner (the tests give it a stand-in timer under the interpreter).
 
     Returns ``(row_sq_err float32 (N,), grad (N, d_s) in the student's dtype or empty)``.
+
+    Under the interpreter (CPU tensors) bf16 inputs are computed in fp32: the interpreter's
+    bf16 ``tl.dot`` returns garbage (triton issue 11584; fp16 is fine). A GPU never takes
+    that branch.
     """
+    if student.device.type == "cpu" and student.dtype == torch.bfloat16:
+        row_sq_err, grad = projected_mse_fwd(student.float(), teacher.float(), projection.float(),
+                                             grad_scale, compute_grad, config=config,
+                                             autotune=autotune)
+        return row_sq_err, grad.to(student.dtype)
     n_rows, d_s = student.shape
     d_t = teacher.shape[1]
     device = student.device

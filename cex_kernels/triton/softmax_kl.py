@@ -14,6 +14,15 @@ Reverse KL is beta == 0 with the inputs swapped (done by the caller). The row we
 (mask x T² x batchmean divisor) multiplies the loss, and w / T the gradients; rows with
 w == 0 are never read (their gradients are written as zeros).
 
+The log-softmax is taken around the raw row max m = max x, before scaling by 1/T:
+ls = (s - m_s) / T - log sum exp((s - m_s) / T) (and lt alike), so small T, large constant
+offsets and logits near the float maximum lose nothing; the online max rescales the
+running sum by exp((m_old - m_new) / T). JSD vs KL is decided by the launcher on the
+Python (double) beta, which also takes log beta and log(1 - beta) in double.
+NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN in
+every entry of each requested gradient (tl.maximum and 0 log 0 = 0 would otherwise let
+some entries, e.g. where q = 0, stay finite).
+
 The program streams its row in BLOCK_V chunks: pass 1 keeps an online max and sum of exp
 for both rows (one exp per element each), pass 2 sums the loss terms (and writes the
 student gradient when that is all that is asked for in KL mode), pass 3 writes the
@@ -45,19 +54,36 @@ INTERPRETER_LONG_ROW_BLOCK_V = 2048
 
 
 @triton.jit
-def _log_normalizer(x_ptr, stride_v, V, inv_t, BLOCK_V: tl.constexpr):
-    """log sum exp(inv_t * x) over the row, with an online max (one exp per element)."""
+def _row_stats(x_ptr, stride_v, V, inv_t, BLOCK_V: tl.constexpr):
+    """The row's raw max m and log sum exp(inv_t (x - m)), with an online max (one exp per
+    element): its log-softmax is inv_t (x - m) - log_sum. A NaN makes log_sum NaN."""
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), tl.float32)
     acc = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        z = tl.load(x_ptr + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_t
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        x = tl.load(x_ptr + cols * stride_v, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: nothing to add
-        acc = acc * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe), axis=0)
+        acc = acc * tl.exp((m - m_safe) * inv_t) + tl.sum(tl.exp((x - m_safe) * inv_t), axis=0)
         m = m_new
-    return m + tl.log(acc)
+    return m, tl.log(acc)
+
+
+@triton.jit
+def _log_softmax(x_ptr, cols, mask, stride_v, m, log_sum, inv_t):
+    """inv_t (x - m) - log_sum for a chunk; masked lanes read -inf (probability 0)."""
+    x = tl.load(x_ptr + cols * stride_v, mask=mask, other=float("-inf")).to(tl.float32)
+    return (x - m) * inv_t - log_sum
+
+
+@triton.jit
+def _fill_row(g_ptr, V, value, BLOCK_V: tl.constexpr):
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        tl.store(g_ptr + cols, tl.full((BLOCK_V,), value, tl.float32).to(g_ptr.dtype.element_ty),
+                 mask=cols < V)
 
 
 @triton.jit
@@ -86,17 +112,13 @@ def softmax_kl_fwd_kernel(
     w = tl.load(w_ptr + row)
     if w == 0.0:  # dropped row: write zeros, read nothing
         tl.store(loss_ptr + row, 0.0)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            if WRITE_GS:
-                tl.store(gs_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(gs_ptr.dtype.element_ty),
-                         mask=cols < V)
-            if WRITE_GT:
-                tl.store(gt_ptr + cols, tl.zeros((BLOCK_V,), tl.float32).to(gt_ptr.dtype.element_ty),
-                         mask=cols < V)
+        if WRITE_GS:
+            _fill_row(gs_ptr, V, 0.0, BLOCK_V)
+        if WRITE_GT:
+            _fill_row(gt_ptr, V, 0.0, BLOCK_V)
     else:
-        cs = _log_normalizer(s_ptr, stride_sv, V, inv_t, BLOCK_V)
-        ct = _log_normalizer(t_ptr, stride_tv, V, inv_t, BLOCK_V)
+        ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
+        mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
         g_scale = w * inv_t
         acc_t = tl.zeros((BLOCK_V,), tl.float32)
         acc_s = tl.zeros((BLOCK_V,), tl.float32)
@@ -105,8 +127,8 @@ def softmax_kl_fwd_kernel(
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
-            ls = tl.load(s_ptr + cols * stride_sv, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - cs
-            lt = tl.load(t_ptr + cols * stride_tv, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - ct
+            ls = _log_softmax(s_ptr, cols, mask, stride_sv, ms, cs, inv_t)
+            lt = _log_softmax(t_ptr, cols, mask, stride_tv, mt, ct, inv_t)
             q = tl.exp(lt)
             if IS_JSD:
                 p = tl.exp(ls)
@@ -126,13 +148,18 @@ def softmax_kl_fwd_kernel(
             ks = kt
             loss = kt
         tl.store(loss_ptr + row, w * loss)
+        if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
+            if WRITE_GS:
+                _fill_row(gs_ptr, V, float("nan"), BLOCK_V)
+            if WRITE_GT:
+                _fill_row(gt_ptr, V, float("nan"), BLOCK_V)
         # Pass 3: the gradients that need the row totals.
-        if (WRITE_GS and not FUSE_GS) or WRITE_GT:
+        elif (WRITE_GS and not FUSE_GS) or WRITE_GT:
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 mask = cols < V
-                ls = tl.load(s_ptr + cols * stride_sv, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - cs
-                lt = tl.load(t_ptr + cols * stride_tv, mask=mask, other=float("-inf")).to(tl.float32) * inv_t - ct
+                ls = _log_softmax(s_ptr, cols, mask, stride_sv, ms, cs, inv_t)
+                lt = _log_softmax(t_ptr, cols, mask, stride_tv, mt, ct, inv_t)
                 p = tl.exp(ls)
                 q = tl.exp(lt)
                 if IS_JSD:
@@ -180,7 +207,8 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     if n_rows == 0 or V == 0:
         return row_loss, gs, gt
     weight = row_weight.to(torch.float32).contiguous()
-    is_jsd = beta != 0.0
+    # Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD.
+    is_jsd = beta > 0.0
     log_b = math.log(beta) if is_jsd else 0.0
     log_1mb = math.log1p(-beta) if is_jsd else 0.0
     args = (student, teacher, weight, row_loss, gs if grad_student else student,

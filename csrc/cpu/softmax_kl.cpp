@@ -8,6 +8,14 @@
 //               dL/dz_s = (1-beta) p (ls - lm - Ks);   dL/dz_t = beta q (lt - lm - Kt)
 // (reverse KL is beta == 0 with the inputs swapped, done by the caller). Outputs are
 // multiplied by the row weight w (mask, T^2, batchmean divisor) and the gradients by inv_t.
+// The log-softmax is taken around the raw row max m = max x, before scaling:
+//   ls = (x - m) inv_t - log sum exp((x - m) inv_t)
+// so no z = x inv_t is ever formed: small T, large constant offsets and logits near the
+// float maximum lose nothing (x - m is exact-ish, and <= 0, before it is scaled).
+// JSD vs KL is decided on the double beta (a beta that rounds to 0 in fp32 is still JSD);
+// log beta, log(1 - beta) and 1 - beta are taken in double, then narrowed.
+// NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN
+// in every entry of each requested gradient, whatever the max/min NaN semantics below.
 //
 // Passes over a row: (1) max of each row (vectorized), (2) sum of exp for each, giving the
 // log-normalizers, (3) the loss terms -- and, for KL with only the student gradient, the
@@ -86,9 +94,26 @@ struct BlockedSum {
   }
 };
 
-// log sum_i exp(inv_t * x_i), computed as inv_t * max + log sum exp(inv_t (x - max)).
+// The mode and mixture weights of a row, from the double beta (see the top comment).
 template <typename T>
-T log_normalizer(const T* x, int64_t V, T inv_t) {
+struct Mixture {
+  bool jsd;
+  T beta, one_m_beta, log_b, log_1mb;
+  explicit Mixture(double b)
+      : jsd(b > 0.0), beta(static_cast<T>(b)), one_m_beta(static_cast<T>(1.0 - b)),
+        log_b(static_cast<T>(b > 0.0 ? std::log(b) : 0.0)),
+        log_1mb(static_cast<T>(b > 0.0 ? std::log1p(-b) : 0.0)) {}
+};
+
+// A row's raw max m and log sum_i exp(inv_t (x_i - m)): its log-softmax is
+// inv_t (x - m) - log_sum.
+template <typename T>
+struct RowStats {
+  T max, log_sum;
+};
+
+template <typename T>
+RowStats<T> row_stats(const T* x, int64_t V, T inv_t) {
   using Vec = at::vec::Vectorized<T>;
   const T mx = at::vec::reduce_all<T>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
@@ -98,27 +123,34 @@ T log_normalizer(const T* x, int64_t V, T inv_t) {
     const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
     sum.add(Vec::blendv(zero, ((v - vmx) * vinv).exp(), valid));
   });
-  return mx * inv_t + std::log(sum.result());
+  return {mx, std::log(sum.result())};
 }
 
 // One row in the accumulation type T. Returns w * L; writes gs / gt when not null.
 template <typename T>
-T divergence_row(const T* s, const T* t, int64_t V, T inv_t, T beta, T w, T* gs, T* gt) {
+T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
+                 T* gs, T* gt) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0));
-  const Vec vinv(inv_t), cs(log_normalizer(s, V, inv_t)), ct(log_normalizer(t, V, inv_t));
+  const RowStats<T> stats_s = row_stats(s, V, inv_t), stats_t = row_stats(t, V, inv_t);
+  const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
+      ct(stats_t.log_sum);
   const Vec gscale(w * inv_t);
   auto load = [&](const T* x, int64_t i, int64_t count) {
     return count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
   };
+  // log-softmax of a chunk: (x - m) inv_t - log_sum
+  auto logp = [&](const T* x, const Vec& m, const Vec& c, int64_t i, int64_t count) {
+    return (load(x, i, count) - m) * vinv - c;
+  };
   auto put = [&](T* out, int64_t i, int64_t count, const Vec& v) {
     if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
   };
-  if (beta == T(0)) {  // KL(q || p)
+  if (!mix.jsd) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;  // student gradient needs no L
     BlockedSum<T> acc;
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
-      const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+      const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
       const Vec q = lt.exp();
       const Vec term = Vec::blendv(q * (lt - ls), zero, q == zero);
       acc.add(Vec::blendv(zero, term, valid));
@@ -128,7 +160,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, T beta, T w, T* gs,
     if (gt != nullptr) {
       const Vec vl(loss);
       for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
-        const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+        const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
         const Vec q = lt.exp();
         if (gs != nullptr) put(gs, i, count, (ls.exp() - q) * gscale);
         put(gt, i, count, Vec::blendv(q * (lt - ls - vl), zero, q == zero) * gscale);
@@ -137,7 +169,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, T beta, T w, T* gs,
     return w * loss;
   }
   // Generalized JSD with the mixture m = beta q + (1 - beta) p.
-  const Vec log_b(std::log(beta)), log_1mb(std::log1p(-beta));
+  const Vec log_b(mix.log_b), log_1mb(mix.log_1mb);
   const Vec neg_inf(-std::numeric_limits<T>::infinity());
   auto log_mixture = [&](const Vec& ls, const Vec& lt) {
     const Vec a = lt + log_b, b = ls + log_1mb;
@@ -146,22 +178,23 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, T beta, T w, T* gs,
   };
   BlockedSum<T> acc_t, acc_s;
   for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
-    const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+    const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
     const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
     acc_t.add(Vec::blendv(zero, Vec::blendv(q * (lt - lm), zero, q == zero), valid));
     acc_s.add(Vec::blendv(zero, Vec::blendv(p * (ls - lm), zero, p == zero), valid));
   });
   const T kt = acc_t.result(), ks = acc_s.result();
   if (gs != nullptr || gt != nullptr) {
-    const Vec vks(ks), vkt(kt), cs_grad((T(1) - beta) * w * inv_t), ct_grad(beta * w * inv_t);
+    const Vec vks(ks), vkt(kt), cs_grad(mix.one_m_beta * w * inv_t),
+        ct_grad(mix.beta * w * inv_t);
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
-      const Vec ls = load(s, i, count) * vinv - cs, lt = load(t, i, count) * vinv - ct;
+      const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
       const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
       if (gs != nullptr) put(gs, i, count, Vec::blendv(p * (ls - lm - vks), zero, p == zero) * cs_grad);
       if (gt != nullptr) put(gt, i, count, Vec::blendv(q * (lt - lm - vkt), zero, q == zero) * ct_grad);
     });
   }
-  return w * (beta * kt + (T(1) - beta) * ks);
+  return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 
 
@@ -234,7 +267,7 @@ CEX_AVX2 inline __m256 zero_where_zero(__m256 p, __m256 v) {  // 0 log 0 = 0
   return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(p, _mm256_setzero_ps(), _CMP_EQ_OQ));
 }
 
-CEX_AVX2 float avx2_log_normalizer(const float* x, int64_t V, float inv_t) {
+CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < V; i += 8) m = _mm256_max_ps(m, load8(x + i, V - i));
   float lanes[8];
@@ -245,23 +278,25 @@ CEX_AVX2 float avx2_log_normalizer(const float* x, int64_t V, float inv_t) {
   BlockedSum8 sum;
   for (int64_t i = 0; i < V; i += 8)
     sum.add(Sleef_expf8_u10(_mm256_mul_ps(_mm256_sub_ps(load8(x + i, V - i), vmx), vinv)));
-  return mx * inv_t + std::log(sum.result());
+  return {mx, std::log(sum.result())};
 }
 
 CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, float inv_t,
-                                   float beta, float w, float* gs, float* gt) {
+                                   const Mixture<float>& mix, float w, float* gs, float* gt) {
   const __m256 vinv = _mm256_set1_ps(inv_t);
-  const __m256 cs = _mm256_set1_ps(avx2_log_normalizer(s, V, inv_t));
-  const __m256 ct = _mm256_set1_ps(avx2_log_normalizer(t, V, inv_t));
-  auto logp = [&](const float* x, __m256 c, int64_t i) CEX_AVX2 {
-    return _mm256_fmsub_ps(load8(x + i, V - i), vinv, c);
+  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t), stats_t = avx2_row_stats(t, V, inv_t);
+  const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
+  const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
+  // (x - m) inv_t - log_sum: the subtraction of the raw max comes first (see the top).
+  auto logp = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
+    return _mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c);
   };
-  if (beta == 0.f) {  // KL(q || p)
+  if (!mix.jsd) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;
     const __m256 gscale = _mm256_set1_ps(w * inv_t);
     BlockedSum8 acc;
     for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), q = Sleef_expf8_u10(lt);
+      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = Sleef_expf8_u10(lt);
       acc.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
       if (fuse) store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
     }
@@ -269,7 +304,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
     if (gt != nullptr) {
       const __m256 vl = _mm256_set1_ps(loss);
       for (int64_t i = 0; i < V; i += 8) {
-        const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), q = Sleef_expf8_u10(lt);
+        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = Sleef_expf8_u10(lt);
         if (gs != nullptr)
           store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
         const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vl);
@@ -278,7 +313,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
     }
     return w * loss;
   }
-  const __m256 log_b = _mm256_set1_ps(std::log(beta)), log_1mb = _mm256_set1_ps(std::log1p(-beta));
+  const __m256 log_b = _mm256_set1_ps(mix.log_b), log_1mb = _mm256_set1_ps(mix.log_1mb);
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   auto log_mixture = [&](__m256 ls, __m256 lt) CEX_AVX2 {
     const __m256 a = _mm256_add_ps(lt, log_b), b = _mm256_add_ps(ls, log_1mb);
@@ -288,7 +323,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   };
   BlockedSum8 acc_t, acc_s;
   for (int64_t i = 0; i < V; i += 8) {
-    const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), lm = log_mixture(ls, lt);
+    const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
     const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
     acc_t.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, lm))));
     acc_s.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lm))));
@@ -296,10 +331,10 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   const float kt = acc_t.result(), ks = acc_s.result();
   if (gs != nullptr || gt != nullptr) {
     const __m256 vks = _mm256_set1_ps(ks), vkt = _mm256_set1_ps(kt);
-    const __m256 s_scale = _mm256_set1_ps((1.f - beta) * w * inv_t);
-    const __m256 t_scale = _mm256_set1_ps(beta * w * inv_t);
+    const __m256 s_scale = _mm256_set1_ps(mix.one_m_beta * w * inv_t);
+    const __m256 t_scale = _mm256_set1_ps(mix.beta * w * inv_t);
     for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, cs, i), lt = logp(t, ct, i), lm = log_mixture(ls, lt);
+      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
       if (gs != nullptr) {
         const __m256 p = Sleef_expf8_u10(ls);
         const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lm), vks);
@@ -312,14 +347,14 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
       }
     }
   }
-  return w * (beta * kt + (1.f - beta) * ks);
+  return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 #endif  // x86-64 GCC/Clang
 
 template <typename scalar_t, typename acc_t>
 void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
                      const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
-                     at::Tensor& grad_t, acc_t inv_t, acc_t beta) {
+                     at::Tensor& grad_t, acc_t inv_t, const Mixture<acc_t>& mix) {
   constexpr bool widen = !std::is_same<scalar_t, acc_t>::value;
   const int64_t n_rows = student.size(0), V = student.size(1);
   const scalar_t* s_base = student.data_ptr<scalar_t>();
@@ -332,13 +367,25 @@ void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
   // About 64k elements of work per task, at least one row.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1));
 
-  auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
+  auto kernel_row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
 #ifdef CEX_HAVE_AVX2_ROWS
     if constexpr (std::is_same<acc_t, float>::value) {
-      if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, beta, w_r, gs, gt);
+      if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt);
     }
 #endif
-    return divergence_row<acc_t>(s, t, V, inv_t, beta, w_r, gs, gt);
+    return divergence_row<acc_t>(s, t, V, inv_t, mix, w_r, gs, gt);
+  };
+  // The NaN rule, in one place for both paths: the max/min used on the way may have
+  // dropped a NaN from some entries' gradients (and q == 0 entries skip it), so a NaN
+  // loss overwrites the whole row of each requested gradient. Rare: costs nothing else.
+  auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
+    const acc_t out = kernel_row(s, t, w_r, gs, gt);
+    if (std::isnan(out)) {
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      if (gs) std::fill(gs, gs + V, nan);
+      if (gt) std::fill(gt, gt + V, nan);
+    }
+    return out;
   };
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf(widen ? 4 * V : 0);  // s, t, gs, gt rows in acc_t
@@ -402,8 +449,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
                                   "cex_softmax_kl_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     divergence_rows<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
-                                     static_cast<acc_t>(inv_temperature),
-                                     static_cast<acc_t>(beta));
+                                     static_cast<acc_t>(inv_temperature), Mixture<acc_t>(beta));
   });
   return {row_loss, grad_s, grad_t};
 }

@@ -14,6 +14,9 @@ namespace cpu {
 // Returns (row_loss (N,) = w * L in float32 (float64 for float64 inputs),
 //          grad_student = w * inv_t * dL/dz_s, grad_teacher = w * inv_t * dL/dz_t)
 // with the gradients in the logits' dtype, each an empty tensor unless asked for.
+// The log-softmax is taken around the raw row max (inv_t (x - max x): exact for any T and
+// offset); JSD vs KL is decided on the double beta (one that rounds to 0 in fp32 is still a
+// JSD). A kept row whose loss is NaN gets NaN in every entry of each requested gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
     double inv_temperature, double beta, bool grad_student, bool grad_teacher);

@@ -8,6 +8,12 @@
 //               Ks = sum p (ls - lm);  L = beta Kt + (1-beta) Ks;
 //               dL/dz_s = (1-beta) p (ls - lm - Ks);  dL/dz_t = beta q (lt - lm - Kt)
 // Reverse KL is beta == 0 with the inputs swapped (by the caller).
+// The log-softmax is taken around the raw row max m, before scaling:
+//   ls = (x - m) inv_t - log sum exp((x - m) inv_t)
+// so small T, large constant offsets and logits near the float maximum lose nothing.
+// JSD vs KL is decided on the double beta; log beta and log(1 - beta) are taken in double.
+// NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN in
+// every entry of each requested gradient (fmaxf and 0 log 0 = 0 would leave some finite).
 //
 // Passes over the row (the block strides over V with its threads): (1) per-thread online
 // max / sum of exp for both rows, merged across the block, (2) the loss terms (and the
@@ -50,22 +56,24 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 }
 
 struct MaxSum {
-  float m, s;  // running max and sum of exp(z - m)
+  float m, s;  // running raw max and sum of exp(inv_t (x - m))
 };
 
-__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b, float inv_t) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};  // nothing but -inf so far
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+  if (m == -INFINITY) return {m, a.s + b.s};  // nothing but -inf so far (0, or a NaN sum)
+  return {m, a.s * expf((a.m - m) * inv_t) + b.s * expf((b.m - m) * inv_t)};
 }
 
-// NaN in z: fmaxf skips it, but exp(NaN - m) makes the sum NaN, so the row's loss is NaN.
-__device__ __forceinline__ MaxSum push(MaxSum a, float z) { return merge(a, MaxSum{z, 1.f}); }
+// NaN in x: fmaxf would skip it, so it goes into the sum (the row's loss is then NaN).
+__device__ __forceinline__ MaxSum push(MaxSum a, float x, float inv_t) {
+  return merge(a, x == x ? MaxSum{x, 1.f} : MaxSum{-INFINITY, x}, inv_t);
+}
 
-__device__ MaxSum block_merge(MaxSum v, float (*shared)[kWarps + 1]) {
+__device__ MaxSum block_merge(MaxSum v, float inv_t, float (*shared)[kWarps + 1]) {
   for (int o = 16; o > 0; o >>= 1) {
     MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
-    v = merge(v, other);
+    v = merge(v, other, inv_t);
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // the shared scratch may still be read by an earlier reduction
@@ -78,7 +86,7 @@ __device__ MaxSum block_merge(MaxSum v, float (*shared)[kWarps + 1]) {
     v = lane < kWarps ? MaxSum{shared[0][lane], shared[1][lane]} : MaxSum{-INFINITY, 0.f};
     for (int o = 16; o > 0; o >>= 1) {
       MaxSum other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.s, o)};
-      v = merge(v, other);
+      v = merge(v, other, inv_t);
     }
     if (lane == 0) {
       shared[0][kWarps] = v.m;
@@ -115,7 +123,7 @@ __global__ void __launch_bounds__(kThreads)
 softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __restrict__ t,
                       int64_t t_stride, const float* __restrict__ w, float* __restrict__ loss,
                       T* __restrict__ gs, T* __restrict__ gt, int64_t V, float inv_t,
-                      float beta, float log_b, float log_1mb) {
+                      float beta, float one_m_beta, float log_b, float log_1mb) {
   __shared__ float scratch[2][kWarps + 1];
   const int64_t row = blockIdx.x;  // 64-bit row offsets: N * V may exceed 2^31
   s += row * s_stride;
@@ -131,30 +139,43 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
     if (threadIdx.x == 0) loss[row] = 0.f;
     return;
   }
-  // Pass 1: log-normalizers of both rows.
+  // Pass 1: raw max and log sum exp of both rows.
   MaxSum ms{-INFINITY, 0.f}, mt{-INFINITY, 0.f};
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    ms = push(ms, to_float(s[i]) * inv_t);
-    mt = push(mt, to_float(t[i]) * inv_t);
+    ms = push(ms, to_float(s[i]), inv_t);
+    mt = push(mt, to_float(t[i]), inv_t);
   }
-  ms = block_merge(ms, scratch);
-  mt = block_merge(mt, scratch);
-  const float cs = ms.m + logf(ms.s), ct = mt.m + logf(mt.s);
+  ms = block_merge(ms, inv_t, scratch);
+  mt = block_merge(mt, inv_t, scratch);
+  const float max_s = ms.m, max_t = mt.m, cs = logf(ms.s), ct = logf(mt.s);
   const float g_scale = wr * inv_t;
+  // (x - m) inv_t - log_sum: the raw max is subtracted before the scaling.
+  auto log_softmax = [inv_t](float x, float m, float c) { return (x - m) * inv_t - c; };
+  // The NaN rule, once the row total is known (rare: nothing else pays for it).
+  auto nan_fill = [&](float total) {
+    if (!isnan(total)) return false;
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      if (gs) gs[i] = from_float<T>(NAN);
+      if (gt) gt[i] = from_float<T>(NAN);
+    }
+    return true;
+  };
 
   if (!kJsd) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;
     float acc = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float ls = to_float(s[i]) * inv_t - cs, lt = to_float(t[i]) * inv_t - ct;
+      const float ls = log_softmax(to_float(s[i]), max_s, cs);
+      const float lt = log_softmax(to_float(t[i]), max_t, ct);
       const float q = expf(lt);
       acc += q == 0.f ? 0.f : q * (lt - ls);
       if (fuse) gs[i] = from_float<T>((expf(ls) - q) * g_scale);
     }
     const float total = block_sum(acc, scratch[0]);
-    if (gt != nullptr) {
+    if (!nan_fill(total) && gt != nullptr) {
       for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-        const float ls = to_float(s[i]) * inv_t - cs, lt = to_float(t[i]) * inv_t - ct;
+        const float ls = log_softmax(to_float(s[i]), max_s, cs);
+        const float lt = log_softmax(to_float(t[i]), max_t, ct);
         const float q = expf(lt);
         if (gs) gs[i] = from_float<T>((expf(ls) - q) * g_scale);
         gt[i] = from_float<T>((q == 0.f ? 0.f : q * (lt - ls - total)) * g_scale);
@@ -165,17 +186,20 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
   }
   float acc_t = 0.f, acc_s = 0.f;
   for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-    const float ls = to_float(s[i]) * inv_t - cs, lt = to_float(t[i]) * inv_t - ct;
+    const float ls = log_softmax(to_float(s[i]), max_s, cs);
+    const float lt = log_softmax(to_float(t[i]), max_t, ct);
     const float p = expf(ls), q = expf(lt), lm = log_mixture(ls, lt, log_b, log_1mb);
     acc_t += q == 0.f ? 0.f : q * (lt - lm);
     acc_s += p == 0.f ? 0.f : p * (ls - lm);
   }
   const float kt = block_sum(acc_t, scratch[0]);
   const float ks = block_sum(acc_s, scratch[1]);
-  if (gs != nullptr || gt != nullptr) {
-    const float s_scale = (1.f - beta) * g_scale, t_scale = beta * g_scale;
+  const float total = beta * kt + one_m_beta * ks;
+  if (!nan_fill(total) && (gs != nullptr || gt != nullptr)) {
+    const float s_scale = one_m_beta * g_scale, t_scale = beta * g_scale;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
-      const float ls = to_float(s[i]) * inv_t - cs, lt = to_float(t[i]) * inv_t - ct;
+      const float ls = log_softmax(to_float(s[i]), max_s, cs);
+      const float lt = log_softmax(to_float(t[i]), max_t, ct);
       const float lm = log_mixture(ls, lt, log_b, log_1mb);
       if (gs) {
         const float p = expf(ls);
@@ -187,26 +211,29 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
       }
     }
   }
-  if (threadIdx.x == 0) loss[row] = wr * (beta * kt + (1.f - beta) * ks);
+  if (threadIdx.x == 0) loss[row] = wr * total;
 }
 
 template <typename T>
 int launch(const void* student, int64_t s_stride, const void* teacher, int64_t t_stride,
            const float* w, float* loss, void* gs, void* gt, int64_t n_rows, int64_t V,
-           float inv_t, float beta, cudaStream_t stream) {
-  const bool jsd = beta != 0.f;
-  const float log_b = jsd ? logf(beta) : 0.f, log_1mb = jsd ? log1pf(-beta) : 0.f;
+           float inv_t, double beta, cudaStream_t stream) {
+  // Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD.
+  const bool jsd = beta > 0.0;
+  const float log_b = jsd ? static_cast<float>(std::log(beta)) : 0.f;
+  const float log_1mb = jsd ? static_cast<float>(std::log1p(-beta)) : 0.f;
+  const float beta_f = static_cast<float>(beta), one_m_beta = static_cast<float>(1.0 - beta);
   const dim3 grid(static_cast<unsigned>(n_rows)), block(kThreads);
   auto* s = static_cast<const T*>(student);
   auto* t = static_cast<const T*>(teacher);
   if (jsd) {
     softmax_kl_fwd_kernel<T, true><<<grid, block, 0, stream>>>(
         s, s_stride, t, t_stride, w, loss, static_cast<T*>(gs), static_cast<T*>(gt), V, inv_t,
-        beta, log_b, log_1mb);
+        beta_f, one_m_beta, log_b, log_1mb);
   } else {
     softmax_kl_fwd_kernel<T, false><<<grid, block, 0, stream>>>(
         s, s_stride, t, t_stride, w, loss, static_cast<T*>(gs), static_cast<T*>(gt), V, inv_t,
-        beta, log_b, log_1mb);
+        beta_f, one_m_beta, log_b, log_1mb);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -216,7 +243,7 @@ int launch(const void* student, int64_t s_stride, const void* teacher, int64_t t
 int softmax_kl_fwd(DType dtype, const void* student, int64_t student_row_stride,
                    const void* teacher, int64_t teacher_row_stride, const float* row_weight,
                    float* row_loss, void* grad_student, void* grad_teacher, int64_t n_rows,
-                   int64_t V, float inv_temperature, float beta, void* stream) {
+                   int64_t V, float inv_temperature, double beta, void* stream) {
   if (n_rows == 0 || V == 0) return 0;
   if (n_rows > 2147483647LL) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto st = static_cast<cudaStream_t>(stream);

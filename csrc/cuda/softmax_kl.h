@@ -18,13 +18,16 @@ namespace cuda {
 //   grad_teacher[r] = w[r] * inv_t * dL/dz_teacher   (if grad_teacher != nullptr)
 // Logits have unit stride along V; *_row_stride is the stride between rows (elements).
 // The gradients are contiguous (row stride V) in the logits' dtype. Rows with w == 0 are
-// not read and get zero gradients. fp32 accumulation. Returns a cudaError_t as int.
+// not read and get zero gradients. fp32 accumulation, with the log-softmax taken around the
+// raw row max (inv_t (x - max x), exact for any T). A kept row whose loss is NaN gets NaN in
+// every entry of each requested gradient. beta is a double: JSD vs KL is decided on it (a
+// beta that rounds to 0 in fp32 is still a JSD). Returns a cudaError_t as int.
 int softmax_kl_fwd(DType dtype,
                    const void* student, int64_t student_row_stride,
                    const void* teacher, int64_t teacher_row_stride,
                    const float* row_weight, float* row_loss,
                    void* grad_student, void* grad_teacher,
-                   int64_t n_rows, int64_t V, float inv_temperature, float beta,
+                   int64_t n_rows, int64_t V, float inv_temperature, double beta,
                    void* stream);
 
 }  // namespace cuda
