@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd_cuda(
       dtype, student.data_ptr(), student.stride(0), teacher.data_ptr(), teacher.stride(0),
       weight.data_ptr<float>(), row_loss.data_ptr<float>(),
       grad_student ? grad_s.data_ptr() : nullptr, grad_teacher ? grad_t.data_ptr() : nullptr,
-      n_rows, V, static_cast<float>(inv_temperature), static_cast<float>(beta),
+      n_rows, V, static_cast<float>(inv_temperature), beta,
       reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "cex cuda softmax_kl: kernel launch failed with CUDA error ", err);
   return {row_loss, grad_s, grad_t};

@@ -262,8 +262,10 @@ def _merge(m, l, x, inv_t):
 
 def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_weight,
                     temperature: float, reverse: bool, want_grad: bool, *,
-                    stats_config=None, grad_config=None, splits=None):
+                    stats_config=None, grad_config=None, splits=None, parts=False):
     """Row losses (fp32) and, when ``want_grad``, d hidden / d weight / d bias (fp32).
+    With ``parts`` the row losses come as two tensors, the divergence's and the
+    cross-entropy's (each times its row weight), instead of their sum.
 
     2-D inputs of one dtype (fp32/fp16/bf16) with unit stride along their last dimension
     (the kernels are compiled for that layout); ``kd_weight``/``ce_weight`` (N,) fp32 row
@@ -319,15 +321,17 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     else:
         kl = (x_f / l_t - (m_t - m_s)) * inv_t - log_l_t + log_l_s
     kept = kd_weight != 0
-    rows = torch.where(kept, kd_weight * kl, torch.zeros_like(kl))
+    kd_rows = torch.where(kept, kd_weight * kl, torch.zeros_like(kl))
+    ce_rows = torch.zeros_like(kl)
     lse_1 = torch.zeros_like(kl)
     if need_ce:
         m_1, l_1, _ = _merge(stats[:, 6], stats[:, 7], torch.zeros_like(stats[:, 7]), 1.0)
         lse_1 = m_1 + torch.log(l_1)
         ce = lse_1 - stats[:, 8].sum(0)
-        rows = rows + torch.where(ce_weight != 0, ce_weight * ce, torch.zeros_like(ce))
+        ce_rows = torch.where(ce_weight != 0, ce_weight * ce, torch.zeros_like(ce))
+    rows = (kd_rows, ce_rows) if parts else (kd_rows + ce_rows,)
     if not want_grad:
-        return rows, None, None, None
+        return (*rows, None, None, None)
 
     row_values = torch.stack([m_s, log_l_s, m_t, log_l_t, kl, lse_1, kd_weight.float(),
                               ce_weight.float() if need_ce else torch.zeros_like(kl)])
@@ -340,7 +344,7 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
             hidden, weight, bias_arg, teacher_logits, labels_arg, row_values, d_hidden,
             d_weight, d_bias, n_rows, vocab, hidden_size, *strides, inv_t, REVERSE=reverse,
             **common, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    return rows, d_hidden, d_weight, d_bias if bias is not None else None
+    return (*rows, d_hidden, d_weight, d_bias if bias is not None else None)
 
 
 # Ahead-of-time compile specs (``python -m cex_kernels.triton.aot``): each kernel in each
