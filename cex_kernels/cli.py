@@ -79,13 +79,25 @@ def _bench(args) -> int:
 
 
 def _backends(args) -> int:
-    from cex_kernels import backends
-    available = backends()
+    import torch
+
+    from cex_kernels import _backends as registry
+    available = registry.backends()
     if args.json:
         print(json.dumps(available))
-    else:
-        for name, ok in available.items():
-            print(f"{name:<10} {'yes' if ok else 'no'}")
+        return 0
+    gpu = torch.cuda.is_available()
+    notes = {
+        "triton": ("runs on this GPU" if gpu else
+                   "needs a GPU; on CPU tensors only in the Triton interpreter "
+                   "(TRITON_INTERPRET=1, slow: for tests)"),
+        "cuda": "runs on this GPU" if gpu else "needs a GPU",
+        "cpu": "C++ kernels for CPU tensors",
+        "reference": "eager PyTorch, any device",
+    }
+    for name, ok in available.items():
+        note = notes[name] if ok else registry._unavailable_reason(name)
+        print(f"{name:<10} {'yes' if ok else 'no':<4} {note}")
     return 0
 
 
@@ -225,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["aot"]:  # everything after `aot` (--help included) belongs to aot.main
+        from cex_kernels import _backends
+        if not _backends.backends()["triton"]:
+            print(f"cex aot: the Triton kernels cannot be compiled here: "
+                  f"{_backends._unavailable_reason('triton')}", file=sys.stderr)
+            return 2
         from cex_kernels.triton import aot
         prog, sys.argv[0] = sys.argv[0], "cex aot"  # aot's argparse names itself from argv[0]
         try:

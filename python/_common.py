@@ -18,13 +18,15 @@ import torch
 
 def add_run_arguments(parser, name: str) -> None:
     """The flags every recipe shares: seed, device, threads, output paths, verbosity."""
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (data, models)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for torch (default 1: fastest for these small models)")
-    parser.add_argument("--json", default=f"{name}.json", metavar="PATH")
-    parser.add_argument("--plot", default=f"{name}.png", metavar="PATH")
-    parser.add_argument("--quiet", action="store_true")
+                        help="CPU threads for torch (1 is fastest for these small models)")
+    parser.add_argument("--json", default=f"{name}.json", metavar="PATH",
+                        help="where to write every figure as JSON")
+    parser.add_argument("--plot", default=f"{name}.png", metavar="PATH",
+                        help="where to write the curves (PNG)")
+    parser.add_argument("--quiet", action="store_true", help="print only the final table")
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -187,3 +189,9 @@ class TinyTransformer(torch.nn.Module):
 
 def block_names(model: TinyTransformer) -> List[str]:
     return [f"blocks.{i}" for i in range(len(model.blocks))]
+
+
+if __name__ == "__main__":  # a helper module, not a recipe: say so instead of doing nothing
+    print(__doc__)
+    print("Run a recipe instead: python python/sparse_parity.py --help, "
+          "python python/transformer_parity.py --help, python python/pcfg_lm.py --help")

@@ -106,27 +106,30 @@ def windows(stream: torch.Tensor, seq_len: int) -> torch.utils.data.TensorDatase
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--nonterminals", type=int, default=10)
-    p.add_argument("--terminals", type=int, default=30)
-    p.add_argument("--seq-len", type=int, default=32)
-    p.add_argument("--teacher-width", type=int, default=64)
-    p.add_argument("--teacher-depth", type=int, default=4)
-    p.add_argument("--student-width", type=int, default=32)
-    p.add_argument("--student-depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--teacher-steps", type=int, default=600)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nonterminals", type=int, default=10,
+                   help="nonterminal symbols of the random grammar")
+    p.add_argument("--terminals", type=int, default=30, help="terminal symbols (the vocabulary)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per training window")
+    p.add_argument("--teacher-width", type=int, default=64, help="teacher model width")
+    p.add_argument("--teacher-depth", type=int, default=4, help="teacher blocks")
+    p.add_argument("--student-width", type=int, default=32, help="student model width")
+    p.add_argument("--student-depth", type=int, default=2, help="student blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (both models)")
+    p.add_argument("--teacher-steps", type=int, default=600, help="teacher training steps")
     p.add_argument("--steps", type=int, default=300, help="each student's steps")
     p.add_argument("--hidden-fraction", type=float, default=0.2,
                    help="share of the steps for curriculum extraction's block phases")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (teacher and students)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--target-loss", type=float, default=None,
                    help="held-out loss for steps/FLOPs-to-target (default: one-shot's final)")
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--eval-sequences", type=int, default=256)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--eval-every", type=int, default=20, help="steps between held-out evaluations")
+    p.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences per evaluation")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="students to train")
     add_run_arguments(p, "pcfg_lm")
     return p
 

@@ -52,28 +52,31 @@ METHODS = ("labels", "one_shot", "curriculum_extraction")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--d", type=int, default=12, help="number of bits (sequence length)")
     p.add_argument("--k", type=int, default=3, help="parity degree")
-    p.add_argument("--teacher-width", type=int, default=64)
-    p.add_argument("--teacher-depth", type=int, default=2)
-    p.add_argument("--student-width", type=int, default=32)
-    p.add_argument("--student-depth", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--teacher-width", type=int, default=64, help="teacher model width")
+    p.add_argument("--teacher-depth", type=int, default=2, help="teacher blocks")
+    p.add_argument("--student-width", type=int, default=32, help="student model width")
+    p.add_argument("--student-depth", type=int, default=2, help="student blocks")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (both models)")
     p.add_argument("--teacher-samples", type=int, default=600_000,
                    help="most samples for the teacher (stops at --teacher-target accuracy)")
-    p.add_argument("--teacher-target", type=float, default=0.98)
+    p.add_argument("--teacher-target", type=float, default=0.98,
+                   help="test accuracy at which the teacher stops training")
     p.add_argument("--samples", type=int, default=64_000, help="each student's sample budget")
     p.add_argument("--hidden-fraction", type=float, default=0.3,
                    help="share of the budget for curriculum extraction's block phases (split evenly)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=128, help="samples per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (teacher and students)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
     p.add_argument("--targets", type=float, nargs="+", default=[0.75, 0.9],
                    help="accuracies for samples/FLOPs-to-target")
-    p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--test-size", type=int, default=4096)
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--eval-every", type=int, default=25, help="steps between test evaluations")
+    p.add_argument("--test-size", type=int, default=4096, help="fresh samples per test evaluation")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="students to train")
     add_run_arguments(p, "transformer_parity")
     return p
 

@@ -142,12 +142,19 @@ def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
                     "bf16 Triton runs in the CUDA test run")
 
 
-# Resource-usage tables from the ahead-of-time compile tests, printed in the summary.
+# Resource-usage tables from the ahead-of-time compile tests, printed in the summary when
+# asked for (--resource-usage): registers, spills and shared memory per kernel.
 RESOURCE_REPORTS = []
 
 
-def pytest_terminal_summary(terminalreporter):
-    if RESOURCE_REPORTS:
+def pytest_addoption(parser):
+    parser.addoption("--resource-usage", action="store_true", default=False,
+                     help="print the GPU kernels' register/shared-memory tables from the "
+                          "ahead-of-time compile tests (-m aot) in the summary")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if RESOURCE_REPORTS and config.getoption("--resource-usage"):
         terminalreporter.section("GPU code: ahead-of-time compile resource usage")
         for report in RESOURCE_REPORTS:
             terminalreporter.write_line(report)
