@@ -142,6 +142,16 @@ def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
                     "bf16 Triton runs in the CUDA test run")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tiny models on a shared 2-core machine it is many times
+    faster than two (modules use it with ``pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Resource-usage tables from the ahead-of-time compile tests, printed in the summary when
 # asked for (--resource-usage): registers, spills and shared memory per kernel.
 RESOURCE_REPORTS = []

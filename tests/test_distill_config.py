@@ -13,13 +13,7 @@ from cex_kernels import cli
 from cex_kernels.distill.registry import MLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 

@@ -11,16 +11,11 @@ import torch.multiprocessing as mp
 from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig
 from cex_kernels.distill.registry import MLP, sparse_parity
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny models on a shared machine
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 def train_mlp(out_dir=None):

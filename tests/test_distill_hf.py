@@ -8,12 +8,7 @@ from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig  # no
 from cex_kernels.distill.registry import random_tokens, tiny_gpt2  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 def test_tiny_gpt2_curriculum_extraction_trains_every_phase():

@@ -8,12 +8,7 @@ from cex_kernels.distill import (Budget, CurriculumExtraction, HiddenStateCaptur
 from cex_kernels.distill.registry import MLP
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 class TupleBlock(nn.Module):

@@ -14,13 +14,7 @@ from cex_kernels.distill import (CurriculumExtraction, OneShotDistillation, Trai
                                  TrainConfig)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared machine: one intra-op thread is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 V = 64
 MASK_ID = V - 1

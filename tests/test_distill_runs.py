@@ -17,12 +17,7 @@ LAYER_MAP = {"blocks.0": "blocks.0", "blocks.1": "blocks.1"}
 DATA = sparse_parity(n=64, d=8, k=2, seed=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models on a shared machine
 
 
 def mlp_run(out_dir, *, eval_fn=None, data=DATA, **kw):
