@@ -320,8 +320,9 @@ LINEAR_BACKENDS = [b for b in ("cpu", "reference", "triton")
                    if b != "triton" or HAS_TRITON_HERE]
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_linear_kl_under_cpu_autocast(backend):
+@pytest.mark.parametrize("backend,algorithm", [(b, "chunked") for b in LINEAR_BACKENDS]
+                         + ([("triton", "tiled")] if HAS_TRITON_HERE else []))
+def test_linear_kl_under_cpu_autocast(backend, algorithm):
     gen = torch.Generator().manual_seed(11)
     h = torch.randn(12, 16, generator=gen, requires_grad=True)
     w = (torch.randn(40, 16, generator=gen) * 0.3).requires_grad_()
@@ -329,7 +330,7 @@ def test_linear_kl_under_cpu_autocast(backend):
     labels = torch.randint(0, 40, (12,), generator=gen)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = cex_kernels.linear_kl(h, w, t, labels=labels, hard_label_weight=0.3,
-                                     backend=backend)
+                                     backend=backend, algorithm=algorithm)
     assert loss.dtype == torch.float32
     loss.backward()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
