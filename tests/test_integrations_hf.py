@@ -140,9 +140,17 @@ def test_num_items_in_batch_makes_accumulation_equal_a_large_batch(tmp_path):
     method = make_method("one_shot")
     args = hf_args(tmp_path / "big")
     args.per_device_train_batch_size, args.gradient_accumulation_steps = BATCH * ACCUM, 1
-    DistillationTrainer(method, args=args, train_dataset=data).train()
+    trainer = DistillationTrainer(method, args=args, train_dataset=data)
+    trainer.train()
     diff = max_diff(accum.student, method.student)
     assert diff < 2e-5, f"accumulated vs large batch: max |Δθ| = {diff:.3g}"
+    # evaluate(): HF's loop, the phase loss over one eval batch's own real tokens
+    batch = trainer.data_collator(data[:BATCH])
+    phase = trainer.phase
+    with torch.no_grad():
+        want, _ = method.student_loss(phase, batch, method.teacher_targets(phase, batch))
+    metrics = trainer.evaluate(eval_dataset=data[:BATCH])
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_resume_continues_in_the_newest_phase_exactly(tmp_path):

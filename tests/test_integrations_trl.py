@@ -89,7 +89,10 @@ def _collate(rows):
 
 
 def _gkd_run(cls, data, tmp_path):
-    from trl.experimental.gkd import GKDConfig
+    try:  # TRL >= 0.20 keeps GKD under trl.experimental
+        from trl.experimental.gkd import GKDConfig
+    except ImportError:
+        from trl import GKDConfig
     torch.manual_seed(0)
     make = lambda layers, width: transformers.GPT2LMHeadModel(transformers.GPT2Config(  # noqa: E731
         vocab_size=V, n_positions=32, n_embd=width, n_layer=layers, n_head=2, resid_pdrop=0.0,

@@ -73,6 +73,9 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError("DistillationTrainer trains method.student; do not pass model=")
         kwargs.setdefault("data_collator", _default_collator(method))
         super().__init__(method.student, *args, **kwargs)
+        # compute_loss normalizes by num_items_in_batch itself: HF must neither divide the
+        # loss by the accumulation steps nor pass the count into the model's forward.
+        self.model_accepts_loss_kwargs = True
         self.method = method
         self.phase: Optional[Phase] = None
 
@@ -147,9 +150,10 @@ class DistillationTrainer(transformers.Trainer):
         return out
 
     # -- loss -------------------------------------------------------------------------------
-    def get_batch_samples(self, epoch_iterator, num_batches, device):
+    def get_batch_samples(self, epoch_iterator, num_batches, device=None):
         """The step's micro-batches and its ``num_items_in_batch``: the int64 tensor
         ``(real tokens, hard-label tokens)`` over all of them, summed over processes."""
+        device = self.args.device if device is None else device
         batches = list(itertools.islice(epoch_iterator, num_batches))
         counts = [self.method.batch_counts(self.phase, b) for b in batches]
         total = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts)],
