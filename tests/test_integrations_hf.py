@@ -186,3 +186,47 @@ def test_import_cex_kernels_does_not_import_transformers():
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    from cex_kernels.integrations import DistillationTrainer
+    method = make_method()
+    args = hf_args(os.path.join(out_dir, "ddp"), ddp_backend="gloo")
+    args.per_device_train_batch_size = BATCH // world  # the same global batch
+    trainer = DistillationTrainer(method, args=args, train_dataset=rows())
+    trainer.train()
+    if rank == 0:
+        torch.save({"params": method.student.state_dict(),
+                    "wrapped": trainer.model_wrapped is not trainer.model,
+                    "losses": [r["loss"] for r in trainer.state.log_history if "loss" in r]},
+                   os.path.join(out_dir, "ddp.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_processes_under_ddp_match_one(tmp_path):
+    """accelerate's DDP on 2 CPU processes (gloo), each with half of every batch: the same
+    student and logged losses as one process (the counts are summed over processes, the
+    student's forward runs through the DDP wrapper, to its end)."""
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=False)
+    single, trainer = hf_run(rows(), tmp_path / "single")
+    assert ddp["wrapped"]
+    diff = max((ddp["params"][k] - v).abs().max().item()
+               for k, v in single.student.state_dict().items())
+    assert diff <= 1e-6, f"HF DDP (2 processes) vs one: max |Δθ| = {diff:.3g}"
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert ddp["losses"] == pytest.approx(losses, rel=1e-5)
