@@ -15,6 +15,11 @@ under ``torchrun`` with more than one process.
   projections are small and replicated.
 - **Teacher.** Sharded and run under ``inference_mode`` on every rank (all ranks run the
   same forward: the all-gathers are collective).
+- **Forwards without a backward** (teacher, eval, the warm-up in :func:`shard`): FSDP2
+  keeps a root's parameters gathered after its forward, for the backward it expects, so
+  the trainer frees them (:func:`reshard`); and eval forwards of the student run to their
+  end (no early stop at a projected layer), since FSDP2's state only returns to idle
+  after a complete forward or a backward.
 - **Mixed precision.** ``TrainConfig(fsdp_param_dtype="bfloat16")``: parameters are
   all-gathered and computed in bf16, gradients reduced in float32 into float32 shards
   (``MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)``).

@@ -293,6 +293,8 @@ class Trainer:
         self.rank, self.world, device = _setup_distributed(cfg.device)
         self.device, world = device, self.world
         self.fsdp = cfg.fsdp and world > 1
+        if cfg.fsdp and world == 1:
+            log.info("train.fsdp: one process, so the models are not sharded")
         torch.manual_seed(cfg.seed + self.rank)
         teacher = method.teacher
         teacher_flags = ([m.training for m in teacher.modules()],
