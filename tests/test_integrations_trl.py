@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("trl", reason="TRL is an optional dependency (pip install cex-kernels[trl])")
 transformers = pytest.importorskip("transformers")
 
-from cex_kernels.integrations import CexGKDTrainer, generalized_jsd_loss  # noqa: E402
+from cex_kernels.integrations import (CexGKDTrainer, CexLinearGKDTrainer,  # noqa: E402
+                                      generalized_jsd_loss)
 from cex_kernels.integrations.trl import _gkd_trainer_class  # noqa: E402
 
 GKDTrainer = _gkd_trainer_class()
@@ -111,9 +112,8 @@ def _gkd_run(cls, data, tmp_path):
     return student, [r["loss"] for r in trainer.state.log_history if "loss" in r]
 
 
-def test_cex_gkd_trainer_trains_like_trl_gkd_trainer(tmp_path):
-    """Off-policy GKD (lmbda=0), beta=0.4, rows with prompts and padding, 2 steps of 2
-    accumulated micro-batches: the same losses and the same student."""
+@pytest.fixture(scope="module")
+def gkd_data():
     import datasets
     g = torch.Generator().manual_seed(5)
     rows = []
@@ -121,10 +121,22 @@ def test_cex_gkd_trainer_trains_like_trl_gkd_trainer(tmp_path):
         n = int(torch.randint(4, 12, (1,), generator=g))
         rows.append({"ids": torch.randint(3, V, (n,), generator=g).tolist(),
                      "prompt": int(torch.randint(1, 3, (1,), generator=g))})
-    data = datasets.Dataset.from_list(rows)
-    theirs, their_losses = _gkd_run(GKDTrainer, data, tmp_path)
-    ours, our_losses = _gkd_run(CexGKDTrainer, data, tmp_path)
+    return datasets.Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="module")
+def trl_run(gkd_data, tmp_path_factory):
+    return _gkd_run(GKDTrainer, gkd_data, tmp_path_factory.mktemp("trl"))
+
+
+@pytest.mark.parametrize("cls", [CexGKDTrainer, CexLinearGKDTrainer], ids=lambda c: c.__name__)
+def test_cex_gkd_trainer_trains_like_trl_gkd_trainer(cls, gkd_data, trl_run, tmp_path):
+    """Off-policy GKD (lmbda=0), beta=0.4, rows with prompts and padding, 2 steps of 2
+    accumulated micro-batches: the same losses and the same student (CexLinearGKDTrainer:
+    from hidden states and output layers, no logits)."""
+    theirs, their_losses = trl_run
+    ours, our_losses = _gkd_run(cls, gkd_data, tmp_path)
     assert len(our_losses) == 2 and our_losses == pytest.approx(their_losses, rel=1e-5)
     a, b = theirs.state_dict(), ours.state_dict()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert diff < 1e-5, f"CexGKDTrainer vs GKDTrainer: max |Δθ| = {diff:.3g}"
+    assert diff < 1e-5, f"{cls.__name__} vs GKDTrainer: max |Δθ| = {diff:.3g}"
