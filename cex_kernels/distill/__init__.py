@@ -9,7 +9,8 @@ Same interface: ``OneShotDistillation(teacher, student, budget=...)`` and
 student may be ``save_pretrained`` directories; datasets may be rows of Python lists (padded by
 :class:`PadCollator`) or streaming; every loss reads only real tokens and is normalized by
 the optimizer step's global token count.
-Scaling out: DDP under ``torchrun``; FSDP2 is described in :mod:`cex_kernels.distill.trainer`.
+Scaling out under ``torchrun``: DDP, or FSDP2 with ``TrainConfig(fsdp=True)``
+(:mod:`cex_kernels.distill.fsdp`).
 """
 from cex_kernels.distill.checkpoint import CheckpointError, save_model
 from cex_kernels.distill.data import PadCollator

@@ -1,9 +1,11 @@
 """Atomic checkpoints, kept N at a time, and the RNG states a bit-exact resume needs.
 
-Checkpoints are ``out_dir/checkpoint-<global step>.pt`` (8 digits); the newest is the one
-with the highest step. A save writes a temporary file and renames it, so a crash mid-save
-never leaves a truncated checkpoint under a real name; leftover temporary files are removed
-by :func:`clean_temporary`.
+Checkpoints are ``out_dir/checkpoint-<global step>.pt`` (8 digits), or under FSDP2 the
+directory ``out_dir/checkpoint-<global step>`` (``torch.distributed.checkpoint`` shards plus
+``trainer.pt``, see :mod:`cex_kernels.distill.fsdp`); the newest is the one with the
+highest step. A save writes a temporary file (directory) and renames it, so a crash
+mid-save never leaves a truncated checkpoint under a real name; leftover temporary files are
+removed by :func:`clean_temporary`.
 """
 from __future__ import annotations
 
@@ -11,39 +13,49 @@ import glob
 import os
 import random
 import re
+import shutil
 import tempfile
 from typing import Any, Dict, List
 
 import torch
 
-_NAME = re.compile(r"checkpoint-(\d+)\.pt$")
+_NAME = re.compile(r"checkpoint-(\d+)(\.pt)?$")
+TRAINER_STATE = "trainer.pt"  # a sharded checkpoint's rank-0 part
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be read (truncated or corrupt)."""
 
 
-def checkpoint_name(out_dir: str, global_step: int) -> str:
-    return os.path.join(out_dir, f"checkpoint-{global_step:08d}.pt")
+def checkpoint_name(out_dir: str, global_step: int, sharded: bool = False) -> str:
+    return os.path.join(out_dir, f"checkpoint-{global_step:08d}" + ("" if sharded else ".pt"))
 
 
 def list_checkpoints(out_dir: str) -> List[str]:
-    """``out_dir``'s checkpoints, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*.pt"))
+    """``out_dir``'s checkpoints (files and sharded directories), oldest first."""
+    paths = [p for p in glob.glob(os.path.join(glob.escape(out_dir), "checkpoint-*"))
              if _NAME.search(os.path.basename(p))]
     return sorted(paths, key=lambda p: int(_NAME.search(os.path.basename(p)).group(1)))
 
 
+def remove(path: str) -> None:
+    """A checkpoint file or sharded checkpoint directory."""
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
 def prune_checkpoints(out_dir: str, keep: int) -> None:
     for path in list_checkpoints(out_dir)[:-keep]:
-        os.unlink(path)
+        remove(path)
 
 
 def clean_temporary(out_dir: str) -> List[str]:
     """Remove the temporary files an interrupted save left behind; return their paths."""
-    leftovers = glob.glob(os.path.join(glob.escape(out_dir), ".tmp-*.pt"))
+    leftovers = glob.glob(os.path.join(glob.escape(out_dir), ".tmp-*"))
     for path in leftovers:
-        os.unlink(path)
+        remove(path)
     return leftovers
 
 
@@ -91,9 +103,12 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     """Our own files (RNG tuples and numpy arrays, not only tensors). A file that does not
     load raises :class:`CheckpointError` naming it and the previous checkpoint to use."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        sharded = os.path.isdir(path)
+        ckpt = torch.load(os.path.join(path, TRAINER_STATE) if sharded else path,
+                          map_location="cpu", weights_only=False)
         if not isinstance(ckpt, dict) or "global_step" not in ckpt:
             raise ValueError("not a cex-kernels trainer checkpoint")
+        ckpt["sharded"] = path if sharded else None
         return ckpt
     except Exception as exc:  # truncated zip, unpickling errors, wrong content
         found = [os.path.abspath(p) for p in
@@ -107,12 +122,17 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                               f"({type(exc).__name__}: {exc}){hint}") from exc
 
 
-def save_model(model: "torch.nn.Module", path: str) -> str:
+def save_model(model: "torch.nn.Module", path: str, state_dict: Dict[str, Any] = None) -> str:
     """``model.save_pretrained(path)`` (safetensors) for Hugging Face models, else the state
-    dict as ``path/model.safetensors`` (``torch.save``-d ``model.pt`` without safetensors)."""
+    dict as ``path/model.safetensors`` (``torch.save``-d ``model.pt`` without safetensors).
+    ``state_dict``: the full weights to write instead of the model's own (a sharded model's,
+    gathered)."""
     os.makedirs(path, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(path)
+        model.save_pretrained(path, **({} if state_dict is None else {"state_dict": state_dict}))
+        return path
+    if state_dict is not None:
+        torch.save(state_dict, os.path.join(path, "model.pt"))
         return path
     try:
         from safetensors.torch import save_model as save_safetensors

@@ -75,6 +75,8 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     min_lr_ratio: 0.0
     amp: false                   # bf16 autocast
     device: auto                 # auto, cpu, cuda, cuda:1
+    fsdp: false                  # under torchrun: FSDP2 (fully_shard) instead of DDP
+    fsdp_param_dtype: null       # FSDP2 mixed precision: bfloat16 / float16 compute, fp32 grads
     seed: 0                      # data order (and seed + rank for the torch RNG)
     num_workers: 0               # DataLoader workers for the training data
     pad_token_id: null           # default collator's pad id (null: the student config's, or 0)

@@ -132,6 +132,10 @@ class DistillationMethod:
         self.vocab_size = vocab_size
         self.shift_labels = B.is_causal_lm(student) if shift_labels is None else bool(shift_labels)
         self.backend, self.forward_fn = backend, forward_fn
+        # A projected-MSE phase stops the student's forward at its layer. Wrappers whose
+        # forward must run to the end (DDP, DeepSpeed: their backward is prepared after
+        # the forward returns) set this False.
+        self.stop_early = True
         self.phases: List[Phase] = []
         self.row_rules: Dict[Any, B.RowRule] = {}
         # Student parameters the user left trainable: no phase ever trains any other.
@@ -234,7 +238,8 @@ class DistillationMethod:
             ce = ce_loss_sum(logits, B.aligned_labels(batch, self.shift_labels)) / label_rows
             return (1.0 - w) * kd + w * ce, {"kd": kd.detach(), "ce": ce.detach()}
         name = self.layer_map[phase.pair][0]
-        with HiddenStateCapture(self.student, [name], stop_after=name) as cap:
+        with HiddenStateCapture(self.student, [name],
+                                stop_after=name if self.stop_early else None) as cap:
             cap.run(self.forward_fn, self.student, batch)
         hidden, proj = cap.hidden[name], self.projections[phase.pair]
         mse = projected_mse_sum(hidden, targets, proj.projection, mask,

@@ -30,6 +30,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0            # cosine/linear decay down to lr * min_lr_ratio
     amp: bool = False                    # bf16 torch.autocast around the forward passes
     device: str = "auto"                 # "auto": cuda:LOCAL_RANK when available, else cpu
+    fsdp: bool = False                   # under torchrun: FSDP2-shard student and teacher (not DDP)
+    fsdp_param_dtype: Optional[str] = None  # FSDP2 compute dtype (bfloat16, float16); fp32 grads
     seed: int = 0                        # data order and (seed + rank) the torch RNG
     num_workers: int = 0                 # DataLoader worker processes for the training data
     pad_token_id: Optional[int] = None   # default collator; None: the student's config, else 0
@@ -81,7 +83,10 @@ class TrainConfig:
                 raise ConfigError(f"train.device {self.device!r} is not a device: {exc}") from None
             if dev.type == "cuda" and not torch.cuda.is_available():
                 raise ConfigError(f"train.device is {self.device!r} but torch sees no CUDA device")
-        if self.resume is not None and self.resume != "auto" and not os.path.isfile(self.resume):
+        if self.fsdp_param_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ConfigError(f"train.fsdp_param_dtype must be bfloat16, float16, float32 or "
+                              f"null, got {self.fsdp_param_dtype!r}")
+        if self.resume is not None and self.resume != "auto" and not os.path.exists(self.resume):
             raise ConfigError(f"train.resume: checkpoint {self.resume!r} does not exist")
         if self.resume == "auto" and not self.out_dir:
             raise ConfigError("train.resume='auto' needs train.out_dir")

@@ -9,17 +9,12 @@ before the first forward and all-reduced), as Hugging Face's ``num_items_in_batc
 micro-batches equal one batch k times larger and W ranks equal one process, padding or not.
 
 Distributed: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is started here
-(gloo on CPU, NCCL on CUDA). Each rank holds a full teacher replica and its slice of every
-global batch; the student is wrapped per phase, together with the phase's loss, in
-``DistributedDataParallel`` (re-wrapped because the set of trainable parameters changes).
-
-FSDP2 (no code here): shard the student with ``torch.distributed.fsdp.fully_shard`` applied
-to each block and then the root, once, before training. Per-phase freezing then works with
-``requires_grad`` as here (FSDP2 shards per parameter, so frozen and trainable parameters may
-share a block), and the forward hooks see unsharded outputs because FSDP2 hooks the block
-itself. The teacher stays replicated (or is sharded the same way, run under inference_mode),
-and the optimizer is built over the sharded DTensor parameters; checkpoints then need
-``torch.distributed.checkpoint`` (``get_state_dict``) instead of the rank-0 ``torch.save``.
+(gloo on CPU, NCCL on CUDA). Each rank holds its slice of every global batch. DDP (the
+default): a full teacher replica per rank, and the student wrapped per phase, together with
+the phase's loss, in ``DistributedDataParallel`` (re-wrapped because the set of trainable
+parameters changes). FSDP2 (``TrainConfig(fsdp=True)``): student and teacher sharded with
+``fully_shard`` once, after the method's setup, and sharded checkpoints
+(:mod:`cex_kernels.distill.fsdp`).
 """
 from __future__ import annotations
 
@@ -36,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cex_kernels.distill import checkpoint as ckpt_io
+from cex_kernels.distill import fsdp
 from cex_kernels.distill._validate import ConfigError
 from cex_kernels.distill.batch import is_causal_lm
 from cex_kernels.distill.data import PadCollator, forward_inputs, make_batches, to_device
@@ -137,26 +133,39 @@ class Trainer:
         if self.world > 1:  # every rank's dropout stream, so a resume continues each exactly
             rngs = [None] * self.world
             dist.all_gather_object(rngs, ckpt_io.rng_state())
-        if self.rank != 0:
-            return
-        ckpt_io.atomic_save(
-            {"student": self.method.student.state_dict(), "method": self.method.state_dict(),
-             "optimizer": opt.state_dict() if opt is not None and step else None,
-             "scheduler": sched.state_dict() if sched is not None and step else None,
-             "phase_index": phase_index, "step": step, "global_step": global_step,
-             "data": self.data.state_dict(), "rng": rngs, "phase_flops": flops,
-             "config": asdict(self.config)},
-            ckpt_io.checkpoint_name(self.config.out_dir, global_step))
-        ckpt_io.prune_checkpoints(self.config.out_dir, self.config.keep_checkpoints)
+        opt = opt if step else None
+        state = {"method": self.method.state_dict(),
+                 "optimizer": opt.state_dict() if opt is not None and not self.fsdp else None,
+                 "sharded_optimizer": opt is not None and self.fsdp,
+                 "scheduler": sched.state_dict() if sched is not None and step else None,
+                 "phase_index": phase_index, "step": step, "global_step": global_step,
+                 "data": self.data.state_dict(), "rng": rngs, "phase_flops": flops,
+                 "config": asdict(self.config)}
+        path = ckpt_io.checkpoint_name(self.config.out_dir, global_step, sharded=self.fsdp)
+        if self.fsdp:  # every rank writes its shards
+            fsdp.save(path, self.method.student, opt, state, self.rank)
+        elif self.rank == 0:
+            ckpt_io.atomic_save({"student": self.method.student.state_dict(), **state}, path)
+        if self.rank == 0:
+            ckpt_io.prune_checkpoints(self.config.out_dir, self.config.keep_checkpoints)
 
     def _evaluate(self, phase: Phase, global_step: int) -> Dict:
-        student = self.method.student
+        student, method = self.method.student, self.method
         student.eval()
-        with torch.no_grad():
-            out = dict(self.eval_fn(student, phase, global_step) or {}) if self.eval_fn else {}
-            if self.eval_dataset is not None:
-                out.update(self._eval_loss(phase))
+        # FSDP2: a forward with no backward must run to its end (its post-forward hooks
+        # return the root to its idle state); the gathered roots are then freed.
+        method.stop_early = not self.fsdp
+        try:
+            with torch.no_grad():
+                out = dict(self.eval_fn(student, phase, global_step) or {}) if self.eval_fn else {}
+                if self.eval_dataset is not None:
+                    out.update(self._eval_loss(phase))
+        finally:
+            method.stop_early = True
         student.train()
+        if self.fsdp:
+            fsdp.reshard(student)
+            fsdp.reshard(method.teacher_for(phase))
         return out
 
     def _eval_loss(self, phase: Phase) -> Dict[str, float]:
@@ -220,18 +229,22 @@ class Trainer:
                 batch = to_device(batch, device)
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                     targets = method.teacher_targets(phase, batch)
+                if self.fsdp:  # FSDP2 leaves a root unsharded after its forward
+                    fsdp.reshard(method.teacher_for(phase))
                 counter.flops += method.loss_flops(phase, targets, rows)
-                # Only the last micro-batch all-reduces gradients.
+                # Only the last micro-batch all-reduces (reduce-scatters) gradients.
                 skip_sync = world > 1 and micro < cfg.grad_accum_steps - 1
-                with model.no_sync() if skip_sync else contextlib.nullcontext():
+                no_sync = contextlib.nullcontext() if not skip_sync else \
+                    fsdp.no_gradient_sync(method.student) if self.fsdp else model.no_sync()
+                with no_sync:
                     with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                         loss, parts = model(batch, targets, norm)
-                    # DDP averages gradients over ranks; the loss is a share of a global sum.
+                    # DDP/FSDP average gradients over ranks; the loss is a share of a global sum.
                     (loss * world).backward()
                 for k, v in {"loss": loss.detach(), **parts}.items():
                     totals[k] = totals.get(k, 0.0) + v.double()
                 del batch, targets, loss, parts  # release the teacher's activations now
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = (fsdp.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
                      if cfg.max_grad_norm else None)
         lr = opt.param_groups[0]["lr"]  # the rate this step used
         opt.step()
@@ -269,7 +282,7 @@ class Trainer:
                 dist.barrier()  # every rank has looked before rank 0 removes
             if self.rank == 0:
                 for name in old:
-                    os.unlink(os.path.join(cfg.out_dir, name))
+                    ckpt_io.remove(os.path.join(cfg.out_dir, name))
                 shutil.rmtree(os.path.join(cfg.out_dir, "tb"), ignore_errors=True)
             if self.world > 1:
                 dist.barrier()
@@ -279,6 +292,9 @@ class Trainer:
         cfg, method = self.config, self.method
         self.rank, self.world, device = _setup_distributed(cfg.device)
         self.device, world = device, self.world
+        self.fsdp = cfg.fsdp and world > 1
+        if cfg.fsdp and world == 1:
+            log.info("train.fsdp: one process, so the models are not sharded")
         torch.manual_seed(cfg.seed + self.rank)
         teacher = method.teacher
         teacher_flags = ([m.training for m in teacher.modules()],
@@ -304,8 +320,14 @@ class Trainer:
                                  world=world, collate_fn=self.collate_fn,
                                  num_workers=cfg.num_workers)
         student.eval()  # setup's probe pass: no dropout, no BatchNorm statistics update
-        phases = method.setup(to_device(self.data.peek(), device))
+        sample = to_device(self.data.peek(), device)
+        phases = method.setup(sample)
         student.train()
+        if self.fsdp:  # after setup, which probes the whole models
+            fsdp.shard(student, cfg.fsdp_param_dtype, sample=sample, forward_fn=method.forward_fn)
+            fsdp.shard(method.teacher, cfg.fsdp_param_dtype, sample=sample,
+                       forward_fn=method.forward_fn)
+        del sample
         samples_per_step = cfg.batch_size * cfg.grad_accum_steps
         for p in phases:
             p.steps = p.budget.resolve(samples_per_step, cfg.total_steps, cfg.total_samples)
@@ -320,7 +342,10 @@ class Trainer:
         flops = [0] * len(phases)
         if resume:
             ckpt = ckpt_io.load_checkpoint(resume)
-            student.load_state_dict(ckpt["student"])
+            if ckpt["sharded"]:
+                fsdp.load_model(ckpt["sharded"], student)
+            else:
+                student.load_state_dict(ckpt["student"])
             method.load_state_dict(ckpt["method"])
             self.data.load_state_dict(ckpt["data"])
             ckpt_io.set_rng_state(ckpt["rng"][self.rank % len(ckpt["rng"])])
@@ -338,8 +363,11 @@ class Trainer:
             method.restore_trainable()
             metrics.close()
         student_dir = None
-        if not stopped and cfg.out_dir and cfg.save_student and self.rank == 0:
-            student_dir = ckpt_io.save_model(student, os.path.join(cfg.out_dir, "student"))
+        if not stopped and cfg.out_dir and cfg.save_student:
+            weights = fsdp.full_state_dict(student) if self.fsdp else None  # every rank gathers
+            if self.rank == 0:
+                student_dir = ckpt_io.save_model(student, os.path.join(cfg.out_dir, "student"),
+                                                 weights)
         return TrainResult(phases, flops, self.global_step, stopped, metrics.records, student_dir)
 
     def _run_phases(self, phases, start_phase, start_step, global_step, flops, ckpt, metrics,
@@ -353,12 +381,16 @@ class Trainer:
             params = method.set_phase_trainable(phase)
             opt = self.optimizer_factory(params)
             sched = self.scheduler_factory(opt, phase.steps) if self.scheduler_factory else None
-            if ckpt is not None and pi == ckpt["phase_index"] and ckpt["optimizer"] is not None:
-                opt.load_state_dict(ckpt["optimizer"])
+            if ckpt is not None and pi == ckpt["phase_index"] and (
+                    ckpt["optimizer"] is not None or ckpt.get("sharded_optimizer")):
+                if ckpt.get("sharded_optimizer"):
+                    fsdp.load_optimizer(ckpt["sharded"], method.student, opt)
+                else:
+                    opt.load_state_dict(ckpt["optimizer"])
                 if sched is not None:
                     sched.load_state_dict(ckpt["scheduler"])
             model = _PhaseLoss(method, phase)
-            if world > 1:
+            if world > 1 and not self.fsdp:
                 # find_unused_parameters: a phase's loss need not touch all it may train.
                 model = nn.parallel.DistributedDataParallel(
                     model, device_ids=[device.index] if device.type == "cuda" else None,
