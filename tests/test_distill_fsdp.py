@@ -11,21 +11,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny models, shared machine
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig  # noqa: E402
 from cex_kernels.distill.registry import tiny_gpt2  # noqa: E402
 
 V = 64
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def rows(n=64, seed=1):

@@ -19,16 +19,10 @@ from torch.utils.data import IterableDataset  # noqa: E402
 from cex_kernels.distill import (CurriculumExtraction, OneShotDistillation, Trainer,  # noqa: E402
                                  TrainConfig)
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, shared machine
+
 V, BATCH, ACCUM, STEPS = 64, 4, 2, 2     # STEPS optimizer steps per phase
 N_ROWS = STEPS * BATCH * ACCUM           # one phase's rows: every phase reads them all
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def gpt2(n_layer, width):

@@ -11,16 +11,11 @@ from cex_kernels.integrations import (CexGKDTrainer, CexLinearGKDTrainer,  # noq
                                       generalized_jsd_loss)
 from cex_kernels.integrations.trl import _gkd_trainer_class  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models, shared machine
+
 GKDTrainer = _gkd_trainer_class()
 V = 50
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def logits(seed, shape=(3, 7, V)):
@@ -136,7 +131,8 @@ def test_cex_gkd_trainer_trains_like_trl_gkd_trainer(cls, gkd_data, trl_run, tmp
     from hidden states and output layers, no logits)."""
     theirs, their_losses = trl_run
     ours, our_losses = _gkd_run(cls, gkd_data, tmp_path)
-    assert len(our_losses) == 2 and our_losses == pytest.approx(their_losses, rel=1e-5)
+    # fp32 losses of ~2e-3 made of O(1) log-ratio terms: ~1e-7 absolute is their rounding
+    assert len(our_losses) == 2 and our_losses == pytest.approx(their_losses, rel=1e-5, abs=2e-7)
     a, b = theirs.state_dict(), ours.state_dict()
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff < 1e-5, f"{cls.__name__} vs GKDTrainer: max |Δθ| = {diff:.3g}"
