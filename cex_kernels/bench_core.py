@@ -73,10 +73,12 @@ class OpSpec:
     notes: str = ""
 
     def cases(self, device, *, quick: bool = False,
-              dtypes: Optional[Sequence[torch.dtype]] = None) -> List[Case]:
-        """The grid for ``device``; ``quick``: the smallest shape, first dtype and variant."""
+              dtypes: Optional[Sequence[torch.dtype]] = None,
+              shapes: Optional[Sequence[dict]] = None) -> List[Case]:
+        """The grid for ``device``; ``quick``: the smallest shape, first dtype and variant;
+        ``shapes``: these named sizes instead of the op's grid."""
         kind = torch.device(device).type
-        shapes = list(self.shapes[kind])
+        shapes = list(shapes or self.shapes[kind])
         dts = tuple(dtypes) if dtypes else self.dtypes[kind]
         variants = tuple((self.variants or {}).get(kind, ("",)))
         if quick:
@@ -91,6 +93,19 @@ class OpSpec:
         if reason is None and self.case_skip_reason is not None:
             reason = self.case_skip_reason(impl, case)
         return reason
+
+
+# What a report calls an implementation: our backends by what they are, the rest as named.
+IMPL_LABELS = {"cpu": "cex C++", "cuda": "cex CUDA", "triton": "cex Triton",
+               "ours": "cex (auto backend)"}
+
+
+def impl_label(impl: str) -> str:
+    """``"cpu"`` -> ``"cex C++"``, ``"cpu/64MiB"`` -> ``"cex C++ (64MiB)"``; others unchanged."""
+    base, _, option = impl.partition("/")
+    if base not in IMPL_LABELS:
+        return impl
+    return IMPL_LABELS[base] + (f" ({option})" if option else "")
 
 
 def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:
@@ -135,14 +150,16 @@ def default_repeats(device, *, quick: bool = False,
     """(warmup, repeats). Warm-up >= 1 always: torch.compile compiles in the first call.
 
     ``spec.repeats`` overrides the full-grid default for its device type (ops whose cells
-    take seconds on the CPU); ``quick`` always uses the small default.
+    take seconds on the CPU); ``quick`` always uses the small default. ``repeats`` is the
+    least number of timed calls: the interleaved timer goes on until its time budget is
+    spent (``bench_specs.run_report``).
     """
     kind = torch.device(device).type
     if not quick and spec is not None and spec.repeats and kind in spec.repeats:
         return spec.repeats[kind]
     if kind == "cuda":
         return (3, 10) if quick else (10, 50)
-    return (1, 3) if quick else (3, 15)
+    return (1, 5) if quick else (3, 15)
 
 
 def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: str) -> dict:
@@ -168,4 +185,4 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 __all__ = ["Case", "OpSpec", "MODES", "METRICS", "backend_skip_reason", "clear_grads",
-           "compiled", "default_repeats", "rates", "itemsize"]
+           "compiled", "default_repeats", "rates", "itemsize", "IMPL_LABELS", "impl_label"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -25,8 +25,12 @@ from cex_kernels.bench_ops_kl import (LINEAR_KL, SOFTMAX_KL, eager_linear_kl,  #
                                       eager_softmax_kl)
 from cex_kernels.bench_ops_mse import PROJECTED_MSE, eager_projected_mse  # noqa: F401
 from cex_kernels.bench_ops_train import TRAIN_STEP
-from cex_kernels.bench_utils import (MiB, device_name, environment, measure_peak_copy_bandwidth,
-                                     measure_peak_gemm_flops, peak_extra_memory, time_fn)
+from cex_kernels.bench_utils import (NOISY_SPREAD, MiB, device_name, environment,
+                                     measure_peak_copy_bandwidth, measure_peak_gemm_flops,
+                                     paired_ratio, peak_extra_memory, time_fn, time_interleaved)
+
+# Seconds of timed calls per cell (all implementations together), quick and full grids.
+DEFAULT_BUDGET_S = {"quick": 0.5, "full": 2.0}
 
 OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, LINEAR_KL,
                                                          TRAIN_STEP)}
@@ -67,17 +71,68 @@ def _same_cell(a: dict, b: dict) -> bool:
             == (b["shape"], b["dtype"], b["mode"], b.get("variant")))
 
 
+def _error_row(spec: OpSpec, impl: str, case: Case, device, error: str) -> dict:
+    row = {"op": spec.name, "impl": impl, "device": str(device), "dtype": case.dtype_name,
+           "shape": case.sizes, "mode": case.mode, "error": error}
+    if case.variant:
+        row["variant"] = case.variant
+    return row
+
+
+def measure_cell(spec: OpSpec, impls: Sequence[str], case: Case, device, *, warmup: int,
+                 repeats: int, budget_s: float, peaks: Optional[dict] = None) -> list:
+    """Time every implementation of one cell interleaved, call by call
+    (:func:`~cex_kernels.bench_utils.time_interleaved`: at least ``repeats`` calls each and
+    ``budget_s`` seconds of timed calls in all), then measure each one's peak extra memory.
+    The implementations share one set of inputs (every step clears the gradients it
+    creates). One report row per implementation, an ``error`` row for one that fails."""
+    device = torch.device(device)
+    inputs = spec.make_inputs(case, device)
+    steps, rows = {}, {}
+    for impl in impls:
+        try:
+            steps[impl] = spec.make_step(impl, case, inputs)
+        except Exception as exc:  # record it and go on with the others
+            rows[impl] = _error_row(spec, impl, case, device, f"{type(exc).__name__}: {exc}")
+    timings = time_interleaved(steps, device=device, warmup=warmup, min_repeats=repeats,
+                               budget_s=budget_s)
+    for impl, t in timings.items():
+        if "error" in t:
+            rows[impl] = _error_row(spec, impl, case, device, t["error"])
+            continue
+        row = {"op": spec.name, "impl": impl, "device": str(device), "dtype": case.dtype_name,
+               "shape": case.sizes, "mode": case.mode, "flops": spec.flops(case),
+               "min_bytes": spec.min_bytes(case)}
+        if case.variant:
+            row["variant"] = case.variant
+        row["time_s"] = t
+        clear_grads(inputs)  # the measured call creates the gradients (counted)
+        row["peak_extra_memory_bytes"] = peak_extra_memory(steps[impl], device)
+        row.update(rates(row["flops"], row["min_bytes"], t["median"], peaks or {},
+                         case.dtype_name))
+        rows[impl] = row
+    return [rows[i] for i in impls if i in rows]
+
+
 def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
                dtypes: Optional[Sequence[torch.dtype]] = None,
                impls: Optional[Sequence[str]] = None, warmup: Optional[int] = None,
-               repeats: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> dict:
+               repeats: Optional[int] = None, budget_s: Optional[float] = None,
+               shapes: Optional[Sequence[dict]] = None,
+               log: Optional[Callable[[str], None]] = None) -> dict:
     """Run an op's grid on ``device`` (default: cuda if available, else cpu).
+
+    Each cell times its implementations interleaved (:func:`measure_cell`): ``repeats`` is
+    the least number of timed calls per implementation, ``budget_s`` the seconds of timed
+    calls per cell (default :data:`DEFAULT_BUDGET_S`, quick or full); ``shapes`` replaces
+    the op's grid of shapes (e.g. the demo's smaller ones).
 
     Returns ``{"environment", "peaks", "settings", "skipped", "rows"}``; a row per (case,
     impl) that ran, with the raw times, ``skipped`` entries (impl, reason, and the cell when
     only some cells are skipped) and ``error`` rows (a failure is recorded, never fatal).
-    ``speedup_vs_eager`` = eager median / this median; ``memory_vs_eager`` = this peak
-    extra memory / eager's.
+    ``speedup_vs_eager`` = the median over rounds of eager's time / this time in the same
+    round (the two ran back to back, under the same load), ``speedup_vs_eager_rounds`` that
+    median with the quartiles; ``memory_vs_eager`` = this peak extra memory / eager's.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(OPS)}")
@@ -87,7 +142,8 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
     w0, r0 = default_repeats(device, quick=quick, spec=spec)
     warmup = w0 if warmup is None else max(warmup, 1)
     repeats = repeats or r0
-    cases = spec.cases(device, quick=quick, dtypes=dtypes)
+    budget_s = DEFAULT_BUDGET_S["quick" if quick else "full"] if budget_s is None else budget_s
+    cases = spec.cases(device, quick=quick, dtypes=dtypes, shapes=shapes)
     unknown = sorted(set(impls or ()) - set(spec.impls))
     if unknown:
         raise ValueError(f"{op}: unknown implementation(s) {unknown}; expected some of "
@@ -102,6 +158,7 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
             skipped.append({"impl": impl, "reason": reason})
     runnable = [i for i in impl_names if not any(s["impl"] == i for s in skipped)]
     for case in cases:
+        cell_impls = []
         for impl in runnable:
             reason = spec.cell_skip_reason(impl, case, device)
             if reason:
@@ -110,31 +167,54 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
                 next(s for s in skipped if s["impl"] == impl
                      and s["reason"] == reason)["cells"].append(str(case))
                 continue
-            log(f"{spec.name} {case} {impl}")
-            try:
-                rows.append(measure_case(spec, impl, case, device, warmup=warmup,
-                                         repeats=repeats, peaks=peaks))
-            except Exception as exc:  # record it and go on with the grid
-                row = {"op": spec.name, "impl": impl, "device": str(device),
-                       "dtype": case.dtype_name, "shape": case.sizes, "mode": case.mode,
-                       "error": f"{type(exc).__name__}: {exc}"}
-                if case.variant:
-                    row["variant"] = case.variant
-                rows.append(row)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            cell_impls.append(impl)
+        if not cell_impls:
+            continue
+        log(f"{spec.name} {case}: {', '.join(cell_impls)} (interleaved)")
+        try:
+            rows += measure_cell(spec, cell_impls, case, device, warmup=warmup,
+                                 repeats=repeats, budget_s=budget_s, peaks=peaks)
+        except Exception as exc:  # e.g. the inputs do not fit: record it, go on with the grid
+            rows += [_error_row(spec, i, case, device, f"{type(exc).__name__}: {exc}")
+                     for i in cell_impls]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for row in rows:
         eager = next((r for r in rows if r["impl"] == "eager" and "error" not in r
                       and _same_cell(r, row)), None)
         if eager and "error" not in row:
-            row["speedup_vs_eager"] = eager["time_s"]["median"] / row["time_s"]["median"]
+            paired = paired_ratio(eager["time_s"], row["time_s"])
+            if paired is not None:  # same-round pairs: a load change hits both alike
+                row["speedup_vs_eager"] = paired["median"]
+                row["speedup_vs_eager_rounds"] = paired
+            else:
+                row["speedup_vs_eager"] = eager["time_s"]["median"] / row["time_s"]["median"]
             if eager["peak_extra_memory_bytes"] > 0:
                 row["memory_vs_eager"] = (row["peak_extra_memory_bytes"]
                                           / eager["peak_extra_memory_bytes"])
     return {"environment": environment(device), "peaks": peaks,
-            "settings": {"op": op, "quick": quick, "warmup": warmup, "repeats": repeats},
-            "skipped": skipped, "rows": rows,
+            "settings": {"op": op, "quick": quick, "warmup": warmup, "repeats": repeats,
+                         "budget_s": budget_s, "timing": "interleaved",
+                         "noisy_spread": NOISY_SPREAD},
+            "skipped": skipped, "rows": rows, "inversions": timing_inversions(rows),
             "flop_check": check_flops(spec, cases, device) if "eager" in spec.impls else []}
+
+
+def timing_inversions(rows: Sequence[dict]) -> List[str]:
+    """Cells whose forward alone measured slower than forward + backward of the same
+    implementation and problem: a sign of noise (the backward cannot be free)."""
+    out = []
+    ok = [r for r in rows if "error" not in r and "time_s" in r]
+    for fwd in (r for r in ok if r["mode"] == "fwd"):
+        both = next((r for r in ok if r["mode"] == "fwd+bwd" and r["impl"] == fwd["impl"]
+                     and (r["shape"], r["dtype"], r.get("variant"))
+                     == (fwd["shape"], fwd["dtype"], fwd.get("variant"))), None)
+        if both and fwd["time_s"]["median"] > both["time_s"]["median"]:
+            out.append(f"{fwd['op']} {fwd['impl']} {fwd['dtype']} "
+                       f"{'x'.join(str(v) for v in fwd['shape'].values())}: fwd "
+                       f"{fwd['time_s']['median'] * 1e3:.3g} ms > fwd+bwd "
+                       f"{both['time_s']['median'] * 1e3:.3g} ms")
+    return out
 
 
 def check_flops(spec: OpSpec, cases, device) -> list:
@@ -206,8 +286,11 @@ def report_markdown(report: dict) -> str:
     lines = [f"## {settings['op']} on {env['device_name']}", "",
              f"torch {env['torch']}, triton {env['triton']}, python {env['python']}, "
              f"{env['torch_num_threads']} threads, {env['date']}. "
-             f"Warm-up {settings['warmup']}, {settings['repeats']} timed "
-             "calls per cell; time = median (IQR).", "",
+             f"Warm-up {settings['warmup']}; the implementations of a cell are timed "
+             "interleaved, call by call, at least "
+             f"{settings['repeats']} calls each and {settings.get('budget_s', 0):g} s of timed "
+             "calls per cell; time = median (IQR), marked `noisy` when the IQR exceeds "
+             f"{100 * settings.get('noisy_spread', NOISY_SPREAD):.0f}% of the median.", "",
              "Measured peaks: " + ", ".join(peak_text) + ".", "",
              "| " + " | ".join(headers) + " |",
              "|" + "---|" * (len(headers) - len(metrics) - 1) + "---:|" * (len(metrics) + 1)]
@@ -220,11 +303,14 @@ def report_markdown(report: dict) -> str:
             cells += [f"error: {r['error'][:60]}"] + [""] * len(metrics)
         else:
             t = r["time_s"]
-            cells.append(f"{t['median'] * 1e3:.3f} ({t['iqr'] * 1e3:.3f})")
+            cells.append(f"{t['median'] * 1e3:.3f} ({t['iqr'] * 1e3:.3f})"
+                         + (" noisy" if t.get("noisy") else ""))
             cells += [columns[m][1](r) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("skipped"):
         lines.append("")
+    for text in report.get("inversions", []):
+        lines.append(f"- Noise: {text} (a forward alone cannot be slower; rerun when quieter).")
     for s in report.get("skipped", []):
         where = f" ({len(s['cells'])} cells)" if s.get("cells") else ""
         lines.append(f"- Skipped `{s['impl']}`{where}: {s['reason']}.")
@@ -265,5 +351,6 @@ __all__ = ["Case", "OpSpec", "OPS", "MODES", "METRICS", "PROJECTED_MSE", "SOFTMA
            "TRAIN_STEP",
            "backend_skip_reason", "clear_grads",
            "eager_projected_mse", "eager_softmax_kl", "eager_linear_kl", "compiled",
-           "default_repeats", "measure_case", "measure_peaks", "rates", "run_report",
+           "default_repeats", "measure_case", "measure_cell", "measure_peaks", "rates",
+           "run_report", "timing_inversions",
            "report_markdown", "write_report"]

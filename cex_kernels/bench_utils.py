@@ -1,7 +1,10 @@
 """Measurement helpers shared by ``bench/`` and the ``cex bench`` CLI (grids: ``bench_specs``).
 
 - generic measurement: :func:`time_fn` (median/min/max/IQR of repeated calls),
-  :func:`peak_extra_memory` (bytes allocated above the baseline at the peak of one call),
+  :func:`time_interleaved` (several implementations of one cell, call by call, under a
+  time budget; :func:`is_noisy` flags a wide spread, :func:`paired_ratio` the round-by-round
+  speedup), :func:`peak_extra_memory` (bytes allocated above the baseline at the peak of
+  one call),
   the device's measured peak rates (:func:`measure_peak_gemm_flops`,
   :func:`measure_peak_copy_bandwidth`) for roofline fractions, :func:`device_name` and
   :func:`environment`;
@@ -12,11 +15,13 @@ needs lives in these two modules.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import platform
 import re
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -45,18 +50,20 @@ def synchronized(fn: Callable[[], object], device) -> Callable[[], object]:
     return call
 
 
+def _percentile(sorted_ts: Sequence[float], q: float) -> float:
+    """The q-quantile of sorted values, linear interpolation."""
+    pos = q * (len(sorted_ts) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_ts[lo] + (sorted_ts[hi] - sorted_ts[lo]) * (pos - lo)
+
+
 def summarize(times: Sequence[float]) -> dict:
     """Median, min, max, IQR (75th - 25th percentile, linear interpolation), mean, raw times."""
     ts = sorted(float(t) for t in times)
     if not ts:
         raise ValueError("summarize: no times")
-
-    def pct(q):
-        pos = q * (len(ts) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return ts[lo] + (ts[hi] - ts[lo]) * (pos - lo)
-
-    return {"median": pct(0.5), "min": ts[0], "max": ts[-1], "iqr": pct(0.75) - pct(0.25),
+    return {"median": _percentile(ts, 0.5), "min": ts[0], "max": ts[-1],
+            "iqr": _percentile(ts, 0.75) - _percentile(ts, 0.25),
             "mean": sum(ts) / len(ts), "repeats": len(ts), "times": list(times)}
 
 
@@ -93,18 +100,139 @@ def time_fn(fn: Callable[[], object], *, warmup: int, repeats: int, device) -> d
     return summarize(times)
 
 
-def _cpu_memory_deltas(prof) -> List[int]:
-    """Signed sizes of the CPU allocator's alloc (+) / free (-) events, in time order."""
-    kineto = getattr(prof.profiler, "kineto_results", None)
-    if kineto is not None:  # raw events: every allocation, also those made inside an op
-        cpu = torch._C._autograd.DeviceType.CPU
-        events = [e for e in kineto.events()
-                  if e.name() == "[memory]" and e.device_type() == cpu]
-        return [int(e.nbytes()) for e in sorted(events, key=lambda e: e.start_ns())]
-    # Fallback (older torch): the folded event list; an op's own allocations are dated at
-    # its start, which can only overstate the peak.
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    return [int(e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage]
+NOISY_SPREAD = 0.25  # a cell is "noisy" when its IQR exceeds this fraction of its median
+
+
+def is_noisy(summary: dict, threshold: float = NOISY_SPREAD) -> bool:
+    """The rule for flagging a timing: IQR > ``threshold`` x median (see :data:`NOISY_SPREAD`)."""
+    return summary["iqr"] > threshold * summary["median"]
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], *, device, warmup: int = 1,
+                     min_repeats: int = 5, budget_s: float = 0.5,
+                     max_repeats: int = 1000) -> Dict[str, dict]:
+    """Time several implementations of one cell call by call, alternating (A, B, C, A, B, ...).
+
+    A load change on a shared machine then hits every implementation alike instead of
+    whichever was being timed in a block. After ``warmup`` untimed rounds, rounds repeat
+    until every function has ``min_repeats`` samples and the timed calls have taken
+    ``budget_s`` seconds in all (or ``max_repeats`` rounds). Timer as :func:`time_fn`
+    (CUDA events per call, or ``perf_counter`` on the CPU). Returns
+    ``{name: summarize(...) + {"noisy": bool}}``; a function that raises is left out of
+    later rounds and its entry is ``{"error": "Type: message"}``.
+    """
+    device = torch.device(device)
+    live = dict(fns)
+    errors: Dict[str, str] = {}
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+
+    def call(name, fn):
+        try:
+            fn()
+            return True
+        except Exception as exc:  # recorded; the other implementations go on
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            live.pop(name, None)
+            return False
+
+    for _ in range(warmup):
+        for name, fn in list(live.items()):
+            call(name, fn)
+    synchronize(device)
+    spent, rounds = 0.0, 0
+    cuda = device.type == "cuda"
+    while live and rounds < max_repeats and (rounds < min_repeats or spent < budget_s):
+        for name, fn in list(live.items()):
+            if cuda:
+                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                start.record()
+                ok = call(name, fn)
+                end.record()
+                if ok:
+                    end.synchronize()  # keeps the rounds interleaved on the GPU too
+                    times[name].append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                ok = call(name, fn)
+                if ok:
+                    times[name].append(time.perf_counter() - t0)
+            if ok:
+                spent += times[name][-1]
+        rounds += 1
+    out = {}
+    for name in fns:
+        if name in errors:
+            out[name] = {"error": errors[name]}
+        else:
+            out[name] = summarize(times[name])
+            out[name]["noisy"] = is_noisy(out[name])
+    return out
+
+
+def paired_ratio(baseline: dict, other: dict) -> Optional[dict]:
+    """Round-by-round ratios ``baseline / other`` of two :func:`time_interleaved` timings
+    (each pair ran back to back, under the same load): median and quartiles, or None when
+    either has no times."""
+    pairs = list(zip(baseline.get("times") or [], other.get("times") or []))
+    ratios = sorted(a / b for a, b in pairs if b > 0)
+    if not ratios:
+        return None
+    return {"median": _percentile(ratios, 0.5), "p25": _percentile(ratios, 0.25),
+            "p75": _percentile(ratios, 0.75), "rounds": len(ratios)}
+
+
+def _legacy_profiler_memory_deltas(fn: Callable[[], object]) -> Optional[List[int]]:
+    """Signed CPU allocator events (+ alloc, - free) of one call of ``fn``, in order, from
+    the autograd profiler's legacy (non-Kineto) mode: quiet (no Kineto start/stop lines on
+    stderr) and cheap. None when this torch has no legacy profiler."""
+    autograd = torch._C._autograd
+    if not hasattr(autograd, "_enable_profiler_legacy"):
+        return None
+    from torch._C._profiler import _ExperimentalConfig
+    from torch.autograd import ProfilerConfig, ProfilerState
+    # (state, report_input_shapes, profile_memory, with_stack, with_flops, with_modules)
+    config = ProfilerConfig(ProfilerState.CPU, False, True, False, False, False,
+                            _ExperimentalConfig())
+    autograd._enable_profiler_legacy(config)
+    try:
+        out = fn()  # the output stays alive inside the profiled region
+        del out
+    finally:
+        thread_events = autograd._disable_profiler_legacy()
+    return [int(e.cpu_memory_usage()) for events in thread_events for e in events
+            if e.kind() == "memory_alloc" and e.cpu_memory_usage()]
+
+
+@contextlib.contextmanager
+def _quiet_stderr_fd():
+    """Send file descriptor 2 to /dev/null (Kineto prints start/stop lines from C++)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _kineto_memory_deltas(fn: Callable[[], object]) -> List[int]:
+    """The same events through ``torch.profiler`` (Kineto), its stderr lines silenced."""
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr_fd():
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == cpu]
+    return [int(e.nbytes()) for e in sorted(events, key=lambda e: e.start_ns())]
 
 
 def peak_extra_memory(fn: Callable[[], object], device) -> int:
@@ -116,17 +244,18 @@ def peak_extra_memory(fn: Callable[[], object], device) -> int:
     or an existing ``.grad`` reused/freed shifts the figure). Memory alive before the call
     (inputs, an existing ``.grad``) is the baseline and does not count; freeing it during
     the call lowers the running total on CUDA, and on the CPU only when the allocator knew
-    the block's size (torch warns "Memory block of unknown size ..." otherwise), so clear
-    such memory before the call for comparable figures.
+    the block's size, so clear such memory before the call for comparable figures.
 
     CUDA: ``max_memory_allocated - memory_allocated`` before the call (peak stats reset).
-    CPU: ``torch.profiler`` with ``profile_memory=True``; the CPU allocator's events, in
+    CPU: the CPU allocator reports every allocation and free to the autograd profiler when
+    it records memory; run in its legacy (non-Kineto) mode, which prints nothing (Kineto's
+    ``torch.profiler`` prints ``USDT ... profiler_start/stop`` lines per call; it is the
+    fallback, with stderr silenced, for a torch without the legacy mode). The events, in
     order (positive = alloc, negative = free), give a running sum whose maximum is the
     result. This sees allocations made inside C++ kernels, on the calling thread. Not seen:
-    allocations on intra-op worker threads (e.g. per-thread scratch in an
-    ``at::parallel_for`` region: the profiler's state is thread-local, and its
-    all-threads mode records no memory events in torch 2.13), and memory obtained outside
-    PyTorch's allocator (BLAS/oneDNN internal packing buffers).
+    allocations on intra-op worker threads (per-thread scratch in an ``at::parallel_for``
+    region: the profiler's state is thread-local), and memory obtained outside PyTorch's
+    allocator (BLAS/oneDNN internal packing buffers).
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -138,12 +267,11 @@ def peak_extra_memory(fn: Callable[[], object], device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - before
         del out
         return int(peak)
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()  # the output stays alive inside the profiled region
-    del out
+    deltas = _legacy_profiler_memory_deltas(fn)
+    if deltas is None:
+        deltas = _kineto_memory_deltas(fn)
     running = peak = 0
-    for delta in _cpu_memory_deltas(prof):
+    for delta in deltas:
         running += delta
         peak = max(peak, running)
     return int(peak)

@@ -5,7 +5,7 @@
     cex backends
     cex aot [--arch 80 90] [--json PATH]      (= python -m cex_kernels.triton.aot)
     cex distill --config run.yaml [--resume|--overwrite]   (curriculum extraction and baselines)
-    cex demo [--quick] [--out DIR] [--device cpu|cuda]   (sparse parity + a short benchmark)
+    cex demo [--quick|--full] [--out DIR] [--device cpu|cuda]   (sparse parity + a short benchmark)
 """
 from __future__ import annotations
 
@@ -141,8 +141,10 @@ def _demo(args) -> int:
         print("cex demo: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not args.silent else None
-    result = run_demo(args.out, quick=args.quick, device=args.device, log=log)
+    result = run_demo(args.out, quick=args.quick, full=args.full, device=args.device, log=log)
     print(result["table"])
+    print()
+    print(result["legend"])
     secs = result["seconds"]
     print(f"cex demo: {secs['total']:.0f}s (sparse parity {secs['sparse_parity']:.0f}s, "
           f"benchmark {secs['bench']:.0f}s); wrote {result['json']}"
@@ -214,13 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a sparse-parity teacher, then students with labels alone, one-shot, "
                     "progressive distillation and curriculum extraction under one sample "
                     "budget (see cex_kernels/experiments/sparse_parity.py); benchmark the "
-                    "fused ops (quick grid); print one summary table and write "
-                    "cex-demo.json and cex-demo.png.")
-    demo.add_argument("--out", default=".", metavar="DIR",
-                      help="where cex-demo.json and cex-demo.png go (default: %(default)s)")
-    demo.add_argument("--quick", action="store_true",
-                      help="about a minute on 2 CPU cores: benchmark projected_mse only, "
-                           "without torch.compile")
+                    "fused ops against eager PyTorch (implementations timed interleaved, "
+                    "median, spread and peak memory); print one summary table and write "
+                    "demo.json and demo.png into --out. On 2 CPU cores: about a minute "
+                    "(--quick: about 40 s, --full: several minutes); see README.")
+    demo.add_argument("--out", default="cex-demo", metavar="DIR",
+                      help="folder for demo.json and demo.png (default: %(default)s)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true",
+                      help="benchmark projected_mse only (the sparse-parity part is the same)")
+    size.add_argument("--full", action="store_true",
+                      help="benchmark the ops' quick grids with every implementation, "
+                           "torch.compile included, and a longer time budget per cell")
     demo.add_argument("--device", choices=("cpu", "cuda"), default=None,
                       help="default: cuda if available, else cpu")
     demo.add_argument("--silent", action="store_true", help="no progress lines on stderr")

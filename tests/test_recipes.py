@@ -126,16 +126,30 @@ def _tiny_parity():
 
 def test_demo_function(tmp_path):
     from cex_kernels.experiments.demo import run_demo
-    result = run_demo(str(tmp_path), quick=True, device="cpu", parity=_tiny_parity(),
+    out = tmp_path / "cex-demo"
+    result = run_demo(str(out), quick=True, device="cpu", parity=_tiny_parity(),
                       bench_impls=["cpu", "eager"])
-    data = check_outputs(result, str(tmp_path / "cex-demo.json"), str(tmp_path / "cex-demo.png"))
+    data = check_outputs(result, str(out / "demo.json"), str(out / "demo.png"))
+    assert sorted(os.listdir(out)) == (["demo.json", "demo.png"] if HAS_MPL else ["demo.json"])
     assert set(data["sparse_parity"]["students"]) == {"labels", "one_shot", "progressive",
                                                        "curriculum_extraction"}
     assert list(data["bench"]) == ["projected_mse"]
-    assert any(r["impl"] == "cpu" and "time_s" in r for r in data["bench"]["projected_mse"]["rows"])
+    rows = data["bench"]["projected_mse"]["rows"]
+    ours = [r for r in rows if r["impl"] == "cpu" and "time_s" in r]
+    assert ours and all(r["time_s"]["repeats"] >= 5 and "noisy" in r["time_s"] for r in ours)
+    assert all("speedup_vs_eager_rounds" in r and r["peak_extra_memory_bytes"] > 0 for r in ours)
+    assert data["bench"]["projected_mse"]["settings"]["timing"] == "interleaved"
+    assert data["mode"] == "quick" and data["load_average_at_start"] is not None
     parts = {r["part"] for r in data["summary"]}
     assert parts == {"sparse parity", "bench projected_mse"}
-    assert "| part" in result["table"]
+    assert "| part" in result["table"] and "cex C++ fwd+bwd" in result["table"]
+    assert "interleaved" in result["legend"]
+
+
+def test_demo_quick_and_full_exclude_each_other(tmp_path):
+    from cex_kernels.experiments.demo import run_demo
+    with pytest.raises(ValueError, match="exclude"):
+        run_demo(str(tmp_path), quick=True, full=True)
 
 
 def test_cex_demo_cli(tmp_path, monkeypatch, capsys):
@@ -153,7 +167,15 @@ def test_cex_demo_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo, "run_demo", tiny)
     assert cli.main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu",
                      "--silent"]) == 0
-    assert seen["quick"] is True and seen["out"] == str(tmp_path)
+    assert seen["quick"] is True and seen["full"] is False and seen["out"] == str(tmp_path)
     out = capsys.readouterr().out
-    assert "curriculum_extraction" in out and "cex-demo.json" in out
-    assert os.path.exists(tmp_path / "cex-demo.json")
+    assert "curriculum_extraction" in out and "demo.json" in out and "NOISY when" in out
+    assert os.path.exists(tmp_path / "demo.json")
+
+
+def test_cex_demo_default_out_is_its_own_folder():
+    from cex_kernels import cli
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.out == "cex-demo" and not args.quick and not args.full
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["demo", "--quick", "--full"])
