@@ -309,11 +309,59 @@ def test_linear_kl_symmetric_matches_the_oracle(device, backend, r):
     torch.testing.assert_close(module(h, w, t, student_bias=b, mask=keep), loss.detach())
 
 
-def test_linear_kl_tiled_symmetric_is_a_clear_error():
+TRITON_HERE = [c for c in backend_cases() if c.values[1] == "triton"]
+
+
+def _tiled_configs():
+    if not TRITON_HERE or TRITON_HERE[0].marks:
+        return []
+    from cex_kernels.triton.linear_kl import GRAD_CONFIG, STATS_CONFIG
+    key = ("fp32", False)  # one GPU block shape besides the interpreter's small one
+    return [None, (STATS_CONFIG[key], GRAD_CONFIG[key])]
+
+
+@pytest.mark.parametrize("device,backend", TRITON_HERE)
+@pytest.mark.parametrize("configs", _tiled_configs(), ids=["interpreter", "gpu-fp32"])
+def test_linear_kl_tiled_symmetric_matches_the_oracle(device, backend, configs):
+    """The vocabulary-tiled kernels: both KLs from one statistics pass, the symmetric
+    gradient in the gradient kernel; with labels, the hard-label term beside it."""
+    gen = torch.Generator().manual_seed(21)
+    n, hidden, vocab = 20, 24, 45
+    h = torch.randn(n, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen) * 0.3
+    b = torch.randn(vocab, generator=gen)
+    t = torch.randn(n, vocab, generator=gen) * 2
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    keep = torch.rand(n, generator=gen) > 0.2
+    if configs is None:
+        params = [x.clone().requires_grad_() for x in (h, w, b)]
+        loss = cex_kernels.linear_kl(params[0], params[1], t, student_bias=params[2],
+                                     direction="symmetric", forward_weight=0.3, temperature=2.0,
+                                     mask=keep, labels=labels, hard_label_weight=0.4,
+                                     algorithm="tiled", backend=backend)
+        grads = torch.autograd.grad(loss, params)
+    else:
+        from cex_kernels.triton.linear_kl import linear_kl_tiled
+        kd_w = keep.float() * 4.0 / keep.sum()  # T² x batchmean divisor
+        ce_w = keep.float() * 0.4 / keep.sum()
+        rows, *grads = linear_kl_tiled(h, w, b, t, labels, kd_w, ce_w, 2.0, False, True,
+                                       symmetric_beta=0.7, stats_config=configs[0],
+                                       grad_config=configs[1])
+        loss = rows.sum()
+    wanted = [x.double().requires_grad_() for x in (h, w, b)]
+    z = F.linear(*wanted)
+    ce = F.cross_entropy(z, labels, reduction="none")
+    want = oracle_loss(z, t, 0.3, 2.0, keep) + 0.4 * (ce * keep).sum() / keep.sum()
+    want_grads = torch.autograd.grad(want, wanted)
+    assert_close_to_reference(loss, want, torch.float32, "loss")
+    for name, g, e in zip(("hidden", "weight", "bias"), grads, want_grads):
+        assert_close_to_reference(g, e, torch.float32, f"d {name}")
+
+
+def test_linear_kl_tiled_refuses_the_jsd_still():
     h, w, t = torch.randn(3, 4), torch.randn(7, 4), torch.randn(3, 7)
-    with pytest.raises(ValueError, match="symmetric"):
-        cex_kernels.linear_kl(h, w, t, direction="symmetric", algorithm="tiled",
-                              backend="triton")
+    with pytest.raises(ValueError, match="generalized JSD"):
+        cex_kernels.linear_kl(h, w, t, beta=0.5, algorithm="tiled", backend="triton")
 
 
 # --- autograd machinery -----------------------------------------------------------------------

@@ -119,14 +119,15 @@ def _chunked_pass(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_
 
 
 def _tiled_pass(hidden, weight, bias, teacher_logits, kd_weight, ce_weight, labels,
-                soft_weight, hard_weight, temperature, beta, want_grad, want_parts):
+                soft_weight, hard_weight, temperature, beta, symmetric, want_grad, want_parts):
     """The vocabulary-tiled Triton kernels (``triton/linear_kl.py``): O(N) extra memory.
     Same returns as :func:`_chunked_pass` (the gradients in fp32)."""
     from cex_kernels.triton.linear_kl import linear_kl_tiled
 
     def run(kd_w, ce_w, grad):
         return linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_w, ce_w,
-                               temperature, beta == 1.0, grad, parts=True)
+                               temperature, beta == 1.0, grad, parts=True,
+                               symmetric_beta=beta if symmetric and 0.0 < beta < 1.0 else None)
 
     acc = _checks.accumulation_dtype(hidden.dtype)
     use_ce = ce_weight is not None and hard_weight > 0
@@ -171,7 +172,7 @@ def linear_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         if algorithm == "tiled":
             kd_rows, ce_rows, g_h, g_w, g_b = _tiled_pass(
                 hidden, weight, bias, teacher_logits, kd_weight, ce_weight, labels,
-                soft_weight, hard_weight, temperature, beta, want_grad, want_parts)
+                soft_weight, hard_weight, temperature, beta, symmetric, want_grad, want_parts)
         else:
             kd_rows, ce_rows, g_h, g_w, g_b = _chunked_pass(
                 hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
@@ -350,8 +351,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
 
     ``algorithm``: ``"chunked"`` processes rows in chunks of about ``chunk_bytes`` of
     temporaries (default 256 MiB) with the backend's softmax-KL kernel between two BLAS
-    GEMMs; ``"tiled"`` (Triton backend; teacher given as logits; forward or reverse KL,
-    not the JSD or the symmetric KL)
+    GEMMs; ``"tiled"`` (Triton backend; teacher given as logits; forward, reverse or
+    symmetric KL, not the JSD)
     keeps only per-row statistics and recomputes logit tiles, so its extra memory is O(N)
     at the cost of one more ``2 N V H`` GEMM's worth of FLOPs; ``"auto"`` is ``"chunked"``.
 
@@ -442,9 +443,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
     if algorithm == "tiled":
         why = ("it needs backend='triton'" if backend != "triton" else
                "it needs the teacher as teacher_logits" if teacher_logits is None else
-               ("it computes forward or reverse KL, not the symmetric KL" if symmetric else
-                "it computes forward or reverse KL, not the generalized JSD")
-               if beta_value not in (0.0, 1.0) else "")
+               "it computes forward, reverse or symmetric KL, not the generalized JSD"
+               if beta_value not in (0.0, 1.0) and not symmetric else "")
         if why:
             raise ValueError(f"cex_kernels.linear_kl: algorithm='tiled' is not available here: {why}")
     else:
