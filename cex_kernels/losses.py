@@ -89,27 +89,30 @@ class ProjectedMSELoss(nn.Module):
 
 
 class DistillKLLoss(nn.Module):
-    """Logit distillation: :func:`cex_kernels.softmax_kl` (``beta=None``) or
-    :func:`cex_kernels.jsd` (``beta`` in [0, 1]) with fixed settings.
+    """Logit distillation: :func:`cex_kernels.softmax_kl` (``beta=None``; ``direction``
+    "forward", "reverse" or "symmetric" with ``forward_weight``) or :func:`cex_kernels.jsd`
+    (``beta`` in [0, 1]) with fixed settings.
 
     ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
     """
 
     def __init__(self, *, temperature: float = 1.0, direction: str = "forward",
-                 beta=None, reduction: str = "batchmean", ignore_index: int = -100,
-                 scale_by_t2: bool = True, backend: str = "auto"):
+                 forward_weight=None, beta=None, reduction: str = "batchmean",
+                 ignore_index: int = -100, scale_by_t2: bool = True, backend: str = "auto"):
         super().__init__()
         name = "DistillKLLoss"
         self.temperature, self.ignore_index, self.scale_by_t2 = _divergence.check_options(
             name, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
             scale_by_t2=scale_by_t2, backend=backend)
-        _checks.check_choice(name, "direction", direction, _divergence.DIRECTIONS)
+        _divergence.check_direction(name, direction, forward_weight)  # (raises if bad)
+        if forward_weight is not None:
+            forward_weight = float(forward_weight)
         if beta is not None:
             if direction != "forward":
                 raise ValueError(f"cex_kernels.{name}: give either direction= or beta= (JSD), "
                                  "not both")
             beta = _divergence.check_beta(name, beta)
-        self.direction, self.beta = direction, beta
+        self.direction, self.forward_weight, self.beta = direction, forward_weight, beta
         self.reduction, self.backend = reduction, backend
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -118,11 +121,14 @@ class DistillKLLoss(nn.Module):
                       labels=labels, ignore_index=self.ignore_index,
                       scale_by_t2=self.scale_by_t2, backend=self.backend)
         if self.beta is None:
-            return softmax_kl(student_logits, teacher_logits, direction=self.direction, **common)
+            return softmax_kl(student_logits, teacher_logits, direction=self.direction,
+                              forward_weight=self.forward_weight, **common)
         return jsd(student_logits, teacher_logits, beta=self.beta, **common)
 
     def extra_repr(self) -> str:
         kind = f"direction={self.direction!r}" if self.beta is None else f"beta={self.beta}"
+        if self.forward_weight is not None:
+            kind += f", forward_weight={self.forward_weight}"
         return (f"{kind}, temperature={self.temperature}, reduction={self.reduction!r}, "
                 f"scale_by_t2={self.scale_by_t2}")
 
@@ -136,20 +142,23 @@ class LinearKLLoss(nn.Module):
     With ``return_parts=True`` it returns ``(loss, kd, ce)`` (the parts detached, for logging).
     """
 
-    def __init__(self, *, temperature: float = 1.0, direction: str = "forward", beta=None,
-                 reduction: str = "batchmean", ignore_index: int = -100,
+    def __init__(self, *, temperature: float = 1.0, direction: str = "forward",
+                 forward_weight=None, beta=None, reduction: str = "batchmean",
+                 ignore_index: int = -100,
                  hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
                  scale_by_t2: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  algorithm: str = "auto", backend: str = "auto", return_parts: bool = False):
         super().__init__()
         name = "LinearKLLoss"
-        _check_linear_kl(name, temperature=temperature, direction=direction, beta=beta,
+        _check_linear_kl(name, temperature=temperature, direction=direction,
+                         forward_weight=forward_weight, beta=beta,
                          reduction=reduction, ignore_index=ignore_index,
                          hard_label_weight=hard_label_weight,
                          soft_label_weight=soft_label_weight, scale_by_t2=scale_by_t2,
                          chunk_bytes=chunk_bytes, algorithm=algorithm, backend=backend)
         _checks.check_bool(name, "return_parts", return_parts)
-        self.options = dict(temperature=temperature, direction=direction, beta=beta,
+        self.options = dict(temperature=temperature, direction=direction,
+                            forward_weight=forward_weight, beta=beta,
                             reduction=reduction, ignore_index=ignore_index,
                             hard_label_weight=hard_label_weight,
                             soft_label_weight=soft_label_weight, scale_by_t2=scale_by_t2,

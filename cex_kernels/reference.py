@@ -46,12 +46,13 @@ def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_r: torch.Tensor) -> t
 
 
 def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                         beta: float) -> torch.Tensor:
+                         beta: float, symmetric: bool = False) -> torch.Tensor:
     """Per-row divergence (shape ``(...)``) between softmax(student/T) and softmax(teacher/T).
 
     TRL GKD's ``generalized_jsd_loss`` convention: beta=0 → KL(p_t || p_s), beta=1 →
     KL(p_s || p_t), otherwise beta·KL(p_t || m) + (1-beta)·KL(p_s || m) with
-    m = beta·p_t + (1-beta)·p_s. Differentiable (the tests' reference gradients).
+    m = beta·p_t + (1-beta)·p_s; ``symmetric``: (1-beta)·KL(p_t || p_s) + beta·KL(p_s || p_t)
+    (math in ``ops/_divergence.py``). Differentiable (the tests' reference gradients).
     """
     ls = F.log_softmax(student / temperature, dim=-1)
     lt = F.log_softmax(teacher / temperature, dim=-1)
@@ -59,6 +60,9 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
         return _xlogy_ratio(lt.exp(), lt, ls).sum(-1)
     if beta == 1:
         return _xlogy_ratio(ls.exp(), ls, lt).sum(-1)
+    if symmetric:
+        return ((1 - beta) * _xlogy_ratio(lt.exp(), lt, ls).sum(-1)
+                + beta * _xlogy_ratio(ls.exp(), ls, lt).sum(-1))
     lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
     return (beta * _xlogy_ratio(lt.exp(), lt, lm).sum(-1)
             + (1 - beta) * _xlogy_ratio(ls.exp(), ls, lm).sum(-1))
@@ -75,9 +79,11 @@ def _kept_rows(shape, device, mask, labels, ignore_index) -> torch.Tensor:
 
 def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
         temperature: float = 1.0, reduction: str = "batchmean", mask=None, labels=None,
-        ignore_index: int = -100, scale_by_t2: bool = True) -> torch.Tensor:
-    """Eager ``cex_kernels.jsd``: per-row divergences, dropped rows zeroed, then reduced."""
-    rows = generalized_jsd_rows(student, teacher, temperature, beta)
+        ignore_index: int = -100, scale_by_t2: bool = True,
+        symmetric: bool = False) -> torch.Tensor:
+    """Eager ``cex_kernels.jsd`` (``symmetric``: the symmetric KL with reverse weight
+    ``beta``): per-row divergences, dropped rows zeroed, then reduced."""
+    rows = generalized_jsd_rows(student, teacher, temperature, beta, symmetric)
     keep = _kept_rows(rows.shape, rows.device, mask, labels, ignore_index)
     rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if scale_by_t2:
@@ -89,17 +95,27 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
     return rows.sum() / keep.sum().clamp(min=1)
 
 
+def direction_beta(direction: str, forward_weight=None):
+    """``(beta, symmetric)`` for a ``softmax_kl`` direction: forward (0, False), reverse
+    (1, False), symmetric (1 - forward_weight, True), forward_weight defaulting to 0.5."""
+    if direction == "symmetric":
+        return 1.0 - (0.5 if forward_weight is None else float(forward_weight)), True
+    return (0.0 if direction == "forward" else 1.0), False
+
+
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
-               direction: str = "forward", **kwargs) -> torch.Tensor:
-    """Eager ``cex_kernels.softmax_kl``: forward = KL(p_t || p_s), reverse = KL(p_s || p_t)."""
-    return jsd(student, teacher, beta=0.0 if direction == "forward" else 1.0,
-               temperature=temperature, **kwargs)
+               direction: str = "forward", forward_weight=None, **kwargs) -> torch.Tensor:
+    """Eager ``cex_kernels.softmax_kl``: forward = KL(p_t || p_s), reverse = KL(p_s || p_t),
+    symmetric = r·KL(p_t || p_s) + (1-r)·KL(p_s || p_t) with r = ``forward_weight``."""
+    beta, symmetric = direction_beta(direction, forward_weight)
+    return jsd(student, teacher, beta=beta, symmetric=symmetric, temperature=temperature,
+               **kwargs)
 
 
 def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
-                    inv_temperature: float, beta: float, grad_student: bool,
+                    inv_temperature: float, beta: float, symmetric: bool, grad_student: bool,
                     grad_teacher: bool):
-    """The ``reference`` backend's kernel contract (see ``ops/softmax_kl.py``).
+    """The ``reference`` backend's kernel contract (see ``ops/_divergence.py``).
 
     2-D logits, ``beta`` in [0, 1) (beta = 1 is handled by swapping the inputs). Returns
     ``(row_loss, grad_student, grad_teacher)``: ``row_loss[r] = w[r] * L_r`` (0 where
@@ -120,7 +136,14 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
     ls, lt = log_softmax(student), log_softmax(teacher)
     p, q = ls.exp(), lt.exp()
     zero = torch.zeros((), dtype=acc, device=student.device)
-    if beta == 0:  # KL(q || p)
+    # symmetric vs KL decided on beta in the accumulation dtype, as the kernels do
+    if symmetric and float(torch.tensor(beta, dtype=acc)) > 0:
+        fwd = torch.where(q == 0, zero, q * (lt - ls)).sum(-1, keepdim=True)
+        rev = torch.where(p == 0, zero, p * (ls - lt)).sum(-1, keepdim=True)
+        loss = (1 - beta) * fwd + beta * rev
+        d_s = (1 - beta) * (p - q) + beta * torch.where(p == 0, zero, p * (ls - lt - rev))
+        d_t = (1 - beta) * torch.where(q == 0, zero, q * (lt - ls - fwd)) + beta * (q - p)
+    elif beta == 0 or symmetric:  # KL(q || p)
         terms = torch.where(q == 0, zero, q * (lt - ls))
         loss = terms.sum(-1, keepdim=True)
         d_s = p - q
@@ -146,8 +169,9 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
 
 def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
               teacher_weight=None, student_bias=None, teacher_bias=None, temperature=1.0,
-              direction="forward", beta=None, reduction="batchmean", mask=None, labels=None,
-              ignore_index=-100, hard_label_weight=0.0, soft_label_weight=1.0, scale_by_t2=True,
+              direction="forward", beta=None, forward_weight=None, symmetric=False,
+              reduction="batchmean", mask=None, labels=None, ignore_index=-100,
+              hard_label_weight=0.0, soft_label_weight=1.0, scale_by_t2=True,
               return_parts=False):
     """Eager ``cex_kernels.linear_kl``: materialize both logits, then ``soft_label_weight``
     times the eager divergence plus ``hard_label_weight`` times the cross-entropy on the
@@ -156,10 +180,11 @@ def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hi
     if teacher_logits is None:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
     teacher_logits = teacher_logits.detach()
-    if beta is None:
-        beta = 0.0 if direction == "forward" else 1.0
-    kd = jsd(logits, teacher_logits, beta=beta, temperature=temperature, reduction=reduction,
-             mask=mask, labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+    if beta is None:  # (else beta and symmetric as given: the resolved form the op passes)
+        beta, symmetric = direction_beta(direction, forward_weight)
+    kd = jsd(logits, teacher_logits, beta=beta, symmetric=symmetric, temperature=temperature,
+             reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
+             scale_by_t2=scale_by_t2)
     ce_loss = torch.zeros_like(kd)
     if labels is not None and (hard_label_weight > 0 or return_parts):
         keep = _kept_rows(logits.shape[:-1], logits.device, mask, labels, ignore_index)

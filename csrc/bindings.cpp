@@ -68,7 +68,8 @@ std::tuple<at::Tensor, at::Tensor> projected_mse_fwd_cuda(const at::Tensor& stud
 // Caller (Python) has set the current device to the tensors' device.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, double beta, bool grad_student, bool grad_teacher, int64_t stream) {
+    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher,
+    int64_t stream) {
   for (const auto* t : {&student, &teacher}) {
     TORCH_CHECK(t->is_cuda() && t->dim() == 2, "cex cuda softmax_kl: logits must be 2-D CUDA "
                 "tensors, got ", t->sizes(), " on ", t->device());
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd_cuda(
       dtype, student.data_ptr(), student.stride(0), teacher.data_ptr(), teacher.stride(0),
       weight.data_ptr<float>(), row_loss.data_ptr<float>(),
       grad_student ? grad_s.data_ptr() : nullptr, grad_teacher ? grad_t.data_ptr() : nullptr,
-      n_rows, V, static_cast<float>(inv_temperature), beta,
+      n_rows, V, static_cast<float>(inv_temperature), beta, symmetric,
       reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "cex cuda softmax_kl: kernel launch failed with CUDA error ", err);
   return {row_loss, grad_s, grad_t};
@@ -111,10 +112,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
         py::arg("compute_grad"));
   m.def("softmax_kl_fwd_cpu", &cex::cpu::softmax_kl_fwd,
-        "Fused softmax KL / generalized JSD on the CPU: returns (row_loss, grad_student, "
-        "grad_teacher)", py::arg("student"), py::arg("teacher"), py::arg("row_weight"),
-        py::arg("inv_temperature"), py::arg("beta"), py::arg("grad_student"),
-        py::arg("grad_teacher"));
+        "Fused softmax KL / generalized JSD / symmetric KL on the CPU: returns (row_loss, "
+        "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
+        py::arg("row_weight"), py::arg("inv_temperature"), py::arg("beta"),
+        py::arg("symmetric"), py::arg("grad_student"), py::arg("grad_teacher"));
 #ifdef CEX_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,
@@ -122,10 +123,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("teacher"), py::arg("projection"), py::arg("grad_scale"),
         py::arg("compute_grad"), py::arg("stream"));
   m.def("softmax_kl_fwd_cuda", &softmax_kl_fwd_cuda,
-        "Fused softmax KL / generalized JSD on CUDA: returns (row_loss, grad_student, "
-        "grad_teacher)", py::arg("student"), py::arg("teacher"), py::arg("row_weight"),
-        py::arg("inv_temperature"), py::arg("beta"), py::arg("grad_student"),
-        py::arg("grad_teacher"), py::arg("stream"));
+        "Fused softmax KL / generalized JSD / symmetric KL on CUDA: returns (row_loss, "
+        "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
+        py::arg("row_weight"), py::arg("inv_temperature"), py::arg("beta"),
+        py::arg("symmetric"), py::arg("grad_student"), py::arg("grad_teacher"),
+        py::arg("stream"));
 #else
   m.attr("with_cuda") = false;
 #endif

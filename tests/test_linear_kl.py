@@ -111,7 +111,7 @@ def test_opcheck(device, backend):
                                          ("sum", 0.5, 0.3, True), ("none", 0.0, 1.0, True)):
         args = (h, inputs["student_weight"], inputs["student_bias"], inputs["teacher_logits"],
                 None, None, None, kd, ce if hard or parts else None,
-                labels if hard or parts else None, None, soft, hard, 2.0, 0.0, reduction,
+                labels if hard or parts else None, None, soft, hard, 2.0, 0.0, False, reduction,
                 backend, 4, "chunked", True, parts)
         torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
 

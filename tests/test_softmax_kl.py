@@ -207,7 +207,7 @@ def test_opcheck(device, backend):
                                     (1.0, "none", True, True), (0.5, "sum", True, True),
                                     (0.3, "none", False, True)):
         args = (s.clone().requires_grad_(gs), t.clone().requires_grad_(gt), w, None, 2.0, beta,
-                reduction, backend, gs, gt)
+                False, reduction, backend, gs, gt)
         torch.library.opcheck(torch.ops.cex.softmax_kl.default, args)
 
 
@@ -239,8 +239,8 @@ def test_backward_scales_the_forward_gradient_in_place(device, backend):
     s, t = make_logits((5,), 12, torch.float32, device)
     s.requires_grad_()
     w = torch.ones(5, device=device)
-    loss, gs, _ = torch.ops.cex.softmax_kl(s, t, w, None, 1.0, 0.0, "sum", backend, True,
-                                           False)
+    loss, gs, _ = torch.ops.cex.softmax_kl(s, t, w, None, 1.0, 0.0, False, "sum", backend,
+                                           True, False)
     (loss * 2).backward()
     assert s.grad.data_ptr() == gs.data_ptr()
     loss = cex_kernels.softmax_kl(s.detach().requires_grad_(), t, reduction="sum", backend=backend)
@@ -390,8 +390,8 @@ def test_teacher_only_gradient_and_no_grad():
     rt = t.detach().double().requires_grad_()
     (rg,) = torch.autograd.grad(reference.jsd(s.double(), rt, beta=0.3), rt)
     assert_close_to_reference(g, rg, torch.float32, "teacher-only grad")
-    _, gs, gt = torch.ops.cex.softmax_kl(s, t.detach(), torch.ones(4), None, 1.0, 0.0, "sum",
-                                         "cpu", False, False)
+    _, gs, gt = torch.ops.cex.softmax_kl(s, t.detach(), torch.ones(4), None, 1.0, 0.0, False,
+                                         "sum", "cpu", False, False)
     assert gs.numel() == 0 and gt.numel() == 0
     with torch.no_grad():
         assert cex_kernels.softmax_kl(s.requires_grad_(), t).grad_fn is None
@@ -427,8 +427,9 @@ def _gpu_configs():
 @pytest.mark.skipif(triton_device() is None, reason=no_triton_reason())
 @pytest.mark.parametrize("config", _gpu_configs(), ids=lambda c: f"V{c[0]}-w{c[1]}")
 @pytest.mark.parametrize("V", [4096, 5003], ids=["V-divisible", "V-tail"])
-@pytest.mark.parametrize("beta", [0.0, 0.5], ids=["kl", "jsd"])
-def test_every_gpu_config(config, V, beta):
+@pytest.mark.parametrize("beta,symmetric", [(0.0, False), (0.5, False), (0.3, True)],
+                         ids=["kl", "jsd", "symmetric"])
+def test_every_gpu_config(config, V, beta, symmetric):
     """Each chunk size the GPU autotuner may pick computes the same rows and gradients,
     launched directly with that config (under the interpreter without a GPU)."""
     from cex_kernels.triton.softmax_kl import softmax_kl_fwd
@@ -436,9 +437,9 @@ def test_every_gpu_config(config, V, beta):
     for dtype in (torch.float32, torch.bfloat16):
         s, t = make_logits((3,), V, dtype, device, seed=V)
         weight = torch.tensor([0.5, 0.0, 2.0], device=device)
-        got = softmax_kl_fwd(s, t, weight, 0.5, beta, True, True, config=config)
+        got = softmax_kl_fwd(s, t, weight, 0.5, beta, symmetric, True, True, config=config)
         want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 0.5, beta,
-                                         True, True)
+                                         symmetric, True, True)
         for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
             assert_close_to_reference(g, w, dtype, f"{name} {dtype}")
 
@@ -451,10 +452,11 @@ def test_autotuned_launch(monkeypatch):
     device = triton_device()
     s, t = make_logits((3,), 5003, torch.float32, device, seed=4)
     weight = torch.tensor([1.0, 0.0, 0.5], device=device)
-    want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 1.0, 0.3, True, True)
+    want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 1.0, 0.3, False,
+                                     True, True)
     for winner in range(len(kernels.CONFIGS)):
         timed = stand_in_autotune_timer(monkeypatch, kernels.softmax_kl_fwd_tuned, winner)
-        got = kernels.softmax_kl_fwd(s, t, weight, 1.0, 0.3, True, True, autotune=True)
+        got = kernels.softmax_kl_fwd(s, t, weight, 1.0, 0.3, False, True, True, autotune=True)
         assert timed() == len(kernels.CONFIGS)
         for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
             assert_close_to_reference(g, w, torch.float32, f"{name}, config {winner} won")

@@ -2,26 +2,44 @@
 backend, the option checks, the row weights, and the top-k teacher.
 
 The math of the divergences, stated once (``p = softmax(student / T)``,
-``q = softmax(teacher / T)``, 0·log 0 = 0):
+``q = softmax(teacher / T)``, ``ls``/``lt`` their logs, 0·log 0 = 0). Two families, each
+with ``beta = 0`` the forward and ``beta = 1`` the reverse KL:
 
 * ``beta = 0``: KL(q || p), the forward KL of classic distillation;
 * ``beta = 1``: KL(p || q), the reverse KL (computed as ``beta = 0`` with the roles swapped,
-  so no kernel has a third mode);
+  so no kernel has a separate reverse mode);
 * ``0 < beta < 1``: the generalized JSD of TRL's GKD, ``beta·KL(q || m) + (1-beta)·KL(p || m)``
-  with ``m = beta·q + (1-beta)·p``.
+  with ``m = beta·q + (1-beta)·p``;
+* ``symmetric``, ``0 < beta < 1``: the symmetric KL ``r·KL(q || p) + (1-r)·KL(p || q)`` with
+  the forward weight ``r = 1 - beta`` (``softmax_kl(direction="symmetric",
+  forward_weight=r)``). Per row, with ``F = Σ q (lt - ls)`` and ``R = Σ p (ls - lt)``::
+
+      L       = r F + (1-r) R = Σ (r q - (1-r) p)(lt - ls)
+      dL/dz_s = r (p - q) + (1-r) p (ls - lt - R)
+      dL/dz_t = r q (lt - ls - F) + (1-r) (q - p)
+
+  Both totals come from one pass over the row, the gradients (which need them) from a
+  second. Where ``q = 0 < p``, R is +inf (the student has mass outside the teacher's
+  support): the loss is inf, as for the reverse KL, with the same non-finite student
+  gradient entries (its gradient's entries there are NaN, -inf elsewhere where p > 0).
 
 Every backend implements one row kernel with the contract::
 
-    fwd(student2d, teacher2d, row_weight, inv_temperature, beta, grad_student, grad_teacher)
-        -> (row_loss, grad_student, grad_teacher)
+    fwd(student2d, teacher2d, row_weight, inv_temperature, beta, symmetric, grad_student,
+        grad_teacher) -> (row_loss, grad_student, grad_teacher)
 
-``row_loss[r] = w[r]·L_r`` and each gradient is ``w[r]/T · dL_r/dz`` (0 for rows with
-``w[r] == 0``: those rows are never read). ``w`` carries the row mask, T² and, except in
-fp16, the reduction's divisor (see ``_autograd`` for why fp16 differs).
+with ``beta`` in [0, 1) (``symmetric`` picks the symmetric KL over the JSD for
+``beta > 0``; decided on beta in the accumulation dtype, so a weight that rounds to 0 never
+multiplies an infinite R). ``row_loss[r] = w[r]·L_r`` and each gradient is
+``w[r]/T · dL_r/dz`` (0 for rows with ``w[r] == 0``: those rows are never read). ``w``
+carries the row mask, T² and, except in fp16, the reduction's divisor (see ``_autograd``
+for why fp16 differs). All backends take the log-softmax around the raw row max,
+``(x - max x)/T``, and a kept row whose loss is NaN gets NaN in every entry of each
+requested gradient (an inf loss is legal and left as it is).
 """
 # No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
 # schema from string annotations.
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,7 +49,7 @@ from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped,
                                         under_functorch_differentiation)
 
 REDUCTIONS = ("batchmean", "sum", "none")
-DIRECTIONS = ("forward", "reverse")
+DIRECTIONS = ("forward", "reverse", "symmetric")
 
 
 def _rows_triton(*args):
@@ -43,11 +61,13 @@ def _rows_cpu(*args):
     return _backends._C.softmax_kl_fwd_cpu(*args)
 
 
-def _rows_cuda(student, teacher, row_weight, inv_temperature, beta, grad_student, grad_teacher):
+def _rows_cuda(student, teacher, row_weight, inv_temperature, beta, symmetric, grad_student,
+               grad_teacher):
     with torch.cuda.device(student.device):
         stream = torch.cuda.current_stream(student.device).cuda_stream
         return _backends._C.softmax_kl_fwd_cuda(student, teacher, row_weight, inv_temperature,
-                                                beta, grad_student, grad_teacher, stream)
+                                                beta, symmetric, grad_student, grad_teacher,
+                                                stream)
 
 
 ROW_KERNELS = {"triton": _rows_triton, "cuda": _rows_cuda, "cpu": _rows_cpu,
@@ -57,16 +77,19 @@ NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "referenc
 
 
 def divergence_rows(backend: str, student: Tensor, teacher: Tensor, row_weight: Tensor,
-                    temperature: float, beta: float, grad_student: bool, grad_teacher: bool):
-    """``(row_loss, grad_student, grad_teacher)`` from the backend's row kernel; beta = 1
-    (reverse KL) is beta = 0 with the roles, and the gradients, swapped."""
+                    temperature: float, beta: float, symmetric: bool, grad_student: bool,
+                    grad_teacher: bool):
+    """``(row_loss, grad_student, grad_teacher)`` from the backend's row kernel, in one
+    launch; beta = 1 (reverse KL, also the symmetric KL with forward weight 0) is beta = 0
+    with the roles, and the gradients, swapped. The symmetric KL with beta = 0 is the
+    forward KL."""
     kernel = ROW_KERNELS[backend]
     if beta == 1.0:
         rows, grad_t, grad_s = kernel(teacher, student, row_weight, 1.0 / temperature, 0.0,
-                                      grad_teacher, grad_student)
+                                      False, grad_teacher, grad_student)
     else:
         rows, grad_s, grad_t = kernel(student, teacher, row_weight, 1.0 / temperature, beta,
-                                      grad_student, grad_teacher)
+                                      symmetric and beta > 0.0, grad_student, grad_teacher)
     return rows, grad_s, grad_t
 
 
@@ -94,6 +117,21 @@ def check_options(op: str, *, temperature, reduction, ignore_index, scale_by_t2,
 
 def check_beta(op: str, beta) -> float:
     return _checks.check_real(op, "beta", beta, low=0.0, high=1.0)
+
+
+def check_direction(op: str, direction, forward_weight) -> Tuple[float, bool]:
+    """``direction`` (and ``forward_weight``, only with ``"symmetric"``; default 0.5) as the
+    kernels' ``(beta, symmetric)``: forward (0, False), reverse (1, False), symmetric
+    (1 - forward_weight, True)."""
+    _checks.check_choice(op, "direction", direction, DIRECTIONS)
+    if forward_weight is not None:
+        if direction != "symmetric":
+            raise ValueError(f"cex_kernels.{op}: forward_weight is the weight of the forward KL "
+                             "in direction='symmetric'; got it with "
+                             f"direction={direction!r}")
+        forward_weight = _checks.check_real(op, "forward_weight", forward_weight, low=0.0,
+                                            high=1.0)
+    return reference.direction_beta(direction, forward_weight)
 
 
 def check_vocab_size(op: str, vocab_size) -> Optional[int]:

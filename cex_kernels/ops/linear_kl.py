@@ -33,7 +33,6 @@ from cex_kernels.ops import _divergence
 from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
                                        saved_tensors, scale_saved,
                                        under_functorch_differentiation)
-from cex_kernels.ops._divergence import DIRECTIONS
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 ALGORITHMS = ("auto", "chunked", "tiled")
@@ -48,7 +47,7 @@ def _chunk_rows(n_rows: int, vocab: int, itemsize: int, chunk_bytes: int) -> int
 
 def _chunked_pass(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                   teacher_bias, kd_weight, ce_weight, labels, soft_weight, hard_weight,
-                  temperature, beta, backend, chunk_rows, want_grad, want_parts):
+                  temperature, beta, symmetric, backend, chunk_rows, want_grad, want_parts):
     """Per-row divergence and cross-entropy and, when ``want_grad``, the gradients of hidden,
     weight and bias (the weight's and bias's in fp32).
 
@@ -82,8 +81,8 @@ def _chunked_pass(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_
                 t_logits = (th @ teacher_weight.T if teacher_bias is None
                             else torch.addmm(teacher_bias, th, teacher_weight.T))
             rows, grad_logits, _ = _divergence.divergence_rows(
-                backend, logits, t_logits, kernel_weight[r0:r1], temperature, beta, kd_grad,
-                False)
+                backend, logits, t_logits, kernel_weight[r0:r1], temperature, beta, symmetric,
+                kd_grad, False)
             rows = rows.to(acc)
             kd_rows[r0:r1] = rows / soft_weight if soft_weight > 0 else rows
             if not kd_grad:
@@ -120,14 +119,15 @@ def _chunked_pass(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_
 
 
 def _tiled_pass(hidden, weight, bias, teacher_logits, kd_weight, ce_weight, labels,
-                soft_weight, hard_weight, temperature, beta, want_grad, want_parts):
+                soft_weight, hard_weight, temperature, beta, symmetric, want_grad, want_parts):
     """The vocabulary-tiled Triton kernels (``triton/linear_kl.py``): O(N) extra memory.
     Same returns as :func:`_chunked_pass` (the gradients in fp32)."""
     from cex_kernels.triton.linear_kl import linear_kl_tiled
 
     def run(kd_w, ce_w, grad):
         return linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_w, ce_w,
-                               temperature, beta == 1.0, grad, parts=True)
+                               temperature, beta == 1.0, grad, parts=True,
+                               symmetric_beta=beta if symmetric and 0.0 < beta < 1.0 else None)
 
     acc = _checks.accumulation_dtype(hidden.dtype)
     use_ce = ce_weight is not None and hard_weight > 0
@@ -151,8 +151,8 @@ def linear_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                  teacher_weight: Optional[Tensor], teacher_bias: Optional[Tensor],
                  kd_weight: Tensor, ce_weight: Optional[Tensor], labels: Optional[Tensor],
                  out_scale: Optional[Tensor], soft_weight: float, hard_weight: float,
-                 temperature: float, beta: float, reduction: str, backend: str,
-                 chunk_rows: int, algorithm: str, compute_grad: bool,
+                 temperature: float, beta: float, symmetric: bool, reduction: str,
+                 backend: str, chunk_rows: int, algorithm: str, compute_grad: bool,
                  want_parts: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """2-D inputs. Returns ``(loss, kd, ce, d hidden, d weight, d bias)``: the loss
     ``soft_weight·kd + hard_weight·ce`` and its two parts, reduced, in the accumulation
@@ -172,12 +172,12 @@ def linear_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
         if algorithm == "tiled":
             kd_rows, ce_rows, g_h, g_w, g_b = _tiled_pass(
                 hidden, weight, bias, teacher_logits, kd_weight, ce_weight, labels,
-                soft_weight, hard_weight, temperature, beta, want_grad, want_parts)
+                soft_weight, hard_weight, temperature, beta, symmetric, want_grad, want_parts)
         else:
             kd_rows, ce_rows, g_h, g_w, g_b = _chunked_pass(
                 hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight,
                 teacher_bias, kd_weight, ce_weight, labels, soft_weight, hard_weight,
-                temperature, beta, backend, chunk_rows, want_grad, want_parts)
+                temperature, beta, symmetric, backend, chunk_rows, want_grad, want_parts)
     if out_scale is not None:
         kd_rows, ce_rows = kd_rows * out_scale, ce_rows * out_scale
     if reduction != "none":
@@ -195,7 +195,7 @@ def linear_kl_op(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
 @linear_kl_op.register_fake
 def _(hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
       kd_weight, ce_weight, labels, out_scale, soft_weight, hard_weight, temperature, beta,
-      reduction, backend, chunk_rows, algorithm, compute_grad, want_parts):
+      symmetric, reduction, backend, chunk_rows, algorithm, compute_grad, want_parts):
     want_grad = compute_grad and reduction != "none"
     acc = _checks.accumulation_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=acc)
@@ -213,11 +213,12 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     (hidden, weight, bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
      kd_weight, ce_weight, labels, out_scale, soft_weight, hard_weight, temperature, beta,
-     reduction, backend, chunk_rows, algorithm, compute_grad, want_parts) = inputs
+     symmetric, reduction, backend, chunk_rows, algorithm, compute_grad, want_parts) = inputs
     ctx.reduction, ctx.compute_grad = reduction, compute_grad
     ctx.has_bias = bias is not None
     ctx.dtypes = (hidden.dtype, weight.dtype)
-    ctx.args = (soft_weight, hard_weight, temperature, beta, backend, chunk_rows, algorithm)
+    ctx.args = (soft_weight, hard_weight, temperature, beta, symmetric, backend, chunk_rows,
+                algorithm)
     grads = (None, None, None) if reduction == "none" else output[3:]
     # The inputs (references) for reduction="none", which recomputes in backward, and for a
     # create_graph backward.
@@ -229,14 +230,14 @@ def _setup_context(ctx, inputs, output):
 def _eager_loss(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_w, ce_w,
                 labels, out_scale):
     """The op's loss in differentiable eager PyTorch (for double backward)."""
-    soft, hard, temperature, beta = ctx.args[:4]
+    soft, hard, temperature, beta, symmetric = ctx.args[:5]
     acc = _checks.accumulation_dtype(hidden.dtype)
     z = torch.nn.functional.linear(hidden.to(acc), weight.to(acc),
                                    None if bias is None else bias.to(acc))
     if t_logits is None:
         t_logits = torch.nn.functional.linear(t_hidden, t_weight, t_bias)
     zero = torch.zeros((), dtype=acc, device=z.device)
-    kd = reference.generalized_jsd_rows(z, t_logits.to(acc), temperature, beta)
+    kd = reference.generalized_jsd_rows(z, t_logits.to(acc), temperature, beta, symmetric)
     rows = soft * torch.where(kd_w != 0, kd_w.to(acc) * kd, zero)
     if ce_w is not None and hard > 0:
         ce = torch.logsumexp(z, -1) - z.gather(1, labels.clamp(0, z.shape[-1] - 1)[:, None])[:, 0]
@@ -246,7 +247,7 @@ def _eager_loss(ctx, hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias,
     return rows if ctx.reduction == "none" else rows.sum()
 
 
-_N_INPUTS = 21
+_N_INPUTS = 22
 
 
 def _backward(ctx, grad_loss, *_internal):
@@ -273,13 +274,13 @@ def _backward(ctx, grad_loss, *_internal):
         return tuple(out)
     if ctx.reduction == "none":
         upstream = grad_loss.to(kd_w.dtype)
-        soft, hard, temperature, beta, backend, chunk_rows, algorithm = ctx.args
+        soft, hard, temperature, beta, symmetric, backend, chunk_rows, algorithm = ctx.args
         # The gradient of sum_r upstream[r] * loss[r] is the op itself, reduced by "sum"
         # with the upstream folded into the row weights (through the op, so it traces).
         _, _, _, g_h, g_w, g_b = linear_kl_op(
             hidden, weight, bias, t_logits, t_hidden, t_weight, t_bias, kd_w * upstream,
             None if ce_w is None else ce_w * upstream, labels, None, soft, hard, temperature,
-            beta, "sum", backend, chunk_rows, algorithm, True, False)
+            beta, symmetric, "sum", backend, chunk_rows, algorithm, True, False)
         g_w, g_b = g_w.to(weight_dtype), g_b.to(weight_dtype)
     else:
         factor = grad_loss if out_scale is None else grad_loss.float() * out_scale
@@ -296,25 +297,25 @@ linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 def check_options(op: str, *, temperature, direction, beta, reduction, ignore_index,
                   hard_label_weight, soft_label_weight, scale_by_t2, chunk_bytes, algorithm,
-                  backend) -> dict:
+                  backend, forward_weight=None) -> dict:
     """Every non-tensor option of :func:`linear_kl`, checked (``LinearKLLoss`` calls this at
-    construction). Returns them normalized (Python scalars; ``beta`` resolved from
-    ``direction`` when not given)."""
+    construction). Returns them normalized (Python scalars; ``beta`` and ``symmetric``
+    resolved from ``direction`` and ``forward_weight`` when beta is not given)."""
     temperature, ignore_index, scale_by_t2 = _divergence.check_options(
         op, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
         scale_by_t2=scale_by_t2, backend=backend)
-    _checks.check_choice(op, "direction", direction, DIRECTIONS)
+    beta_of_direction, symmetric = _divergence.check_direction(op, direction, forward_weight)
     if beta is not None:
         if direction != "forward":
             raise ValueError(f"cex_kernels.{op}: give either direction= or beta= (JSD), not both")
         beta = _divergence.check_beta(op, beta)
     else:
-        beta = 0.0 if direction == "forward" else 1.0
+        beta = beta_of_direction
     hard = _checks.check_real(op, "hard_label_weight", hard_label_weight, low=0.0)
     soft = _checks.check_real(op, "soft_label_weight", soft_label_weight, low=0.0)
     _checks.check_choice(op, "algorithm", algorithm, ALGORITHMS)
     chunk_bytes = _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1)
-    return dict(temperature=temperature, beta=beta, reduction=reduction,
+    return dict(temperature=temperature, beta=beta, symmetric=symmetric, reduction=reduction,
                 ignore_index=ignore_index, hard_label_weight=hard, soft_label_weight=soft,
                 scale_by_t2=scale_by_t2, chunk_bytes=chunk_bytes, algorithm=algorithm,
                 backend=backend)
@@ -324,8 +325,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
               teacher_logits: Optional[Tensor] = None, *, teacher_hidden: Optional[Tensor] = None,
               teacher_weight: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
               teacher_bias: Optional[Tensor] = None, temperature: float = 1.0,
-              direction: str = "forward", beta: Optional[float] = None,
-              reduction: str = "batchmean", mask: Optional[Tensor] = None,
+              direction: str = "forward", forward_weight: Optional[float] = None,
+              beta: Optional[float] = None, reduction: str = "batchmean", mask: Optional[Tensor] = None,
               labels: Optional[Tensor] = None, ignore_index: int = -100,
               hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
               scale_by_t2: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -336,8 +337,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
     The teacher is either ``teacher_logits (..., V)`` or its last hidden states and head,
     ``teacher_hidden (..., H_t)`` with ``teacher_weight (V, H_t)`` and ``teacher_bias``
     (then its logits are built chunk by chunk too). The teacher is a constant: no gradient
-    flows to it. The divergence is that of :func:`cex_kernels.softmax_kl` (``direction``)
-    or, when ``beta`` is given, :func:`cex_kernels.jsd` (same temperature, T² scaling,
+    flows to it. The divergence is that of :func:`cex_kernels.softmax_kl` (``direction``,
+    and ``forward_weight`` for ``"symmetric"``) or, when ``beta`` is given, :func:`cex_kernels.jsd` (same temperature, T² scaling,
     ``reduction`` and NaN rules); ``mask``/``labels``/``ignore_index`` drop rows.
 
     The loss is ``soft_label_weight * KD + hard_label_weight * CE``, where CE is the
@@ -350,7 +351,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
 
     ``algorithm``: ``"chunked"`` processes rows in chunks of about ``chunk_bytes`` of
     temporaries (default 256 MiB) with the backend's softmax-KL kernel between two BLAS
-    GEMMs; ``"tiled"`` (Triton backend; teacher given as logits; forward or reverse KL)
+    GEMMs; ``"tiled"`` (Triton backend; teacher given as logits; forward, reverse or
+    symmetric KL, not the JSD)
     keeps only per-row statistics and recomputes logit tiles, so its extra memory is O(N)
     at the cost of one more ``2 N V H`` GEMM's worth of FLOPs; ``"auto"`` is ``"chunked"``.
 
@@ -367,9 +369,12 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
                          reduction=reduction, ignore_index=ignore_index,
                          hard_label_weight=hard_label_weight,
                          soft_label_weight=soft_label_weight, scale_by_t2=scale_by_t2,
-                         chunk_bytes=chunk_bytes, algorithm=algorithm, backend=backend)
+                         chunk_bytes=chunk_bytes, algorithm=algorithm, backend=backend,
+                         forward_weight=forward_weight)
     return_parts = _checks.check_bool(op, "return_parts", return_parts)
-    temperature, beta_value = opts["temperature"], opts["beta"]
+    temperature, beta_value, symmetric = opts["temperature"], opts["beta"], opts["symmetric"]
+    # The symmetric KL with forward weight 1 or 0 is the forward or the reverse KL.
+    symmetric = symmetric and 0.0 < beta_value < 1.0
     hard, soft = opts["hard_label_weight"], opts["soft_label_weight"]
     named = {"student_hidden": student_hidden, "student_weight": student_weight,
              "student_bias": student_bias, "teacher_logits": teacher_logits,
@@ -426,7 +431,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
         loss, kd, ce = reference.linear_kl(
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
-            temperature=temperature, beta=beta_value, reduction=reduction, mask=mask,
+            temperature=temperature, beta=beta_value, symmetric=symmetric,
+            reduction=reduction, mask=mask,
             labels=labels, ignore_index=opts["ignore_index"], hard_label_weight=hard,
             soft_label_weight=soft, scale_by_t2=opts["scale_by_t2"], return_parts=True)
         loss = loss.to(out_dtype)
@@ -437,8 +443,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
     if algorithm == "tiled":
         why = ("it needs backend='triton'" if backend != "triton" else
                "it needs the teacher as teacher_logits" if teacher_logits is None else
-               "it computes forward or reverse KL, not the generalized JSD"
-               if beta_value not in (0.0, 1.0) else "")
+               "it computes forward, reverse or symmetric KL, not the generalized JSD"
+               if beta_value not in (0.0, 1.0) and not symmetric else "")
         if why:
             raise ValueError(f"cex_kernels.linear_kl: algorithm='tiled' is not available here: {why}")
     else:
@@ -453,10 +459,11 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
                  if teacher_hidden is not None else None)
     keep = _divergence.kept_rows(lead, device, mask, labels, opts["ignore_index"])
     use_ce = labels is not None and (hard > 0 or return_parts)
-    # One storage scale for both terms (fp16): the log-ratio side of reverse KL and the
-    # summing of a row's logit gradients into d hidden get 16x more headroom than the
-    # per-logit bound (d hidden sums V gradients against weights of magnitude < 64).
-    grad_bound = 16 * max((128.0 if beta_value == 1.0 else 2.0) * soft / temperature
+    # One storage scale for both terms (fp16): the log-ratio side of reverse (and symmetric)
+    # KL and the summing of a row's logit gradients into d hidden get 16x more headroom than
+    # the per-logit bound (d hidden sums V gradients against weights of magnitude < 64).
+    log_ratio_side = beta_value == 1.0 or symmetric
+    grad_bound = 16 * max((128.0 if log_ratio_side else 2.0) * soft / temperature
                           * (temperature ** 2 if opts["scale_by_t2"] else 1.0), 2.0 * hard)
     # reduction="none" stores no gradient (backward recomputes): no fp16 storage scale.
     weights = _divergence.row_weights(
@@ -473,8 +480,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
         hidden2, student_weight, student_bias, t_logits2, t_hidden2,
         teacher_weight.detach() if teacher_weight is not None else None,
         teacher_bias.detach() if teacher_bias is not None else None, kd_weight, ce_weight,
-        labels2, weights.out_scale, soft, hard, temperature, beta_value, reduction, backend,
-        chunk, algorithm, compute_grad, return_parts)
+        labels2, weights.out_scale, soft, hard, temperature, beta_value, symmetric, reduction,
+        backend, chunk, algorithm, compute_grad, return_parts)
     loss, kd, ce = (x.to(out_dtype) for x in (loss, kd, ce))
     if reduction == "none":
         loss, kd, ce = loss.reshape(lead), kd.reshape(lead), ce.reshape(lead)

@@ -25,17 +25,19 @@ from cex_kernels.ops._divergence import DIRECTIONS, REDUCTIONS  # noqa: F401  (r
 
 @torch.library.custom_op("cex::softmax_kl", mutates_args=())
 def softmax_kl_op(student: Tensor, teacher: Tensor, row_weight: Tensor,
-                  out_scale: Optional[Tensor], temperature: float, beta: float, reduction: str,
-                  backend: str, grad_student: bool,
+                  out_scale: Optional[Tensor], temperature: float, beta: float,
+                  symmetric: bool, reduction: str, backend: str, grad_student: bool,
                   grad_teacher: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """2-D logits (N, V), ``row_weight`` (N,), ``beta`` in [0, 1], ``out_scale`` None or a
+    """2-D logits (N, V), ``row_weight`` (N,), ``beta`` in [0, 1] and ``symmetric`` (the
+    divergence, see ``_divergence``), ``out_scale`` None or a
     0-dim fp32 factor on the loss and the stored gradients (fp16, see ``_autograd``).
     Returns ``(loss, grad_student_unit, grad_teacher_unit)``: the loss in the accumulation
     dtype (fp32; float64 for float64); the gradients empty unless asked for, and internal
     (for a unit upstream gradient, before ``out_scale``). ``reduction`` is "none" (per
     row) or anything else (summed: the weights carry the batchmean divisor)."""
     row_loss, grad_s, grad_t = _divergence.divergence_rows(
-        backend, student, teacher, row_weight, temperature, beta, grad_student, grad_teacher)
+        backend, student, teacher, row_weight, temperature, beta, symmetric, grad_student,
+        grad_teacher)
     loss = row_loss if reduction == "none" else row_loss.sum()
     if out_scale is not None:
         loss = loss * out_scale.to(loss.dtype)
@@ -43,8 +45,8 @@ def softmax_kl_op(student: Tensor, teacher: Tensor, row_weight: Tensor,
 
 
 @softmax_kl_op.register_fake
-def _(student, teacher, row_weight, out_scale, temperature, beta, reduction, backend,
-      grad_student, grad_teacher):
+def _(student, teacher, row_weight, out_scale, temperature, beta, symmetric, reduction,
+      backend, grad_student, grad_teacher):
     loss_shape = (student.shape[0],) if reduction == "none" else ()
     acc = _checks.accumulation_dtype(student.dtype)
     return (student.new_empty(loss_shape, dtype=acc),
@@ -53,13 +55,14 @@ def _(student, teacher, row_weight, out_scale, temperature, beta, reduction, bac
 
 
 def _setup_context(ctx, inputs, output):
-    (student, teacher, row_weight, out_scale, temperature, beta, reduction, _, grad_student,
-     grad_teacher) = inputs
+    (student, teacher, row_weight, out_scale, temperature, beta, symmetric, reduction, _,
+     grad_student, grad_teacher) = inputs
     _, grad_s, grad_t = output
     # The gradient outputs are internal: without this, backward would get (and autograd
     # allocate) zero (N, V) tensors as their "gradients", beside the stored ones.
     ctx.set_materialize_grads(False)
-    ctx.reduction, ctx.temperature, ctx.beta = reduction, temperature, beta
+    ctx.reduction, ctx.temperature = reduction, temperature
+    ctx.beta, ctx.symmetric = beta, symmetric
     ctx.computed = (grad_student, grad_teacher)
     # The inputs only for a create_graph backward (references, not copies).
     save_tensors(ctx, grad_s, grad_t, out_scale, student, teacher, row_weight)
@@ -69,7 +72,7 @@ def _eager_loss(ctx, student, teacher, row_weight, out_scale):
     """The op's loss in differentiable eager PyTorch (for double backward)."""
     acc = _checks.accumulation_dtype(student.dtype)
     rows = reference.generalized_jsd_rows(student.to(acc), teacher.to(acc), ctx.temperature,
-                                          ctx.beta)
+                                          ctx.beta, ctx.symmetric)
     w = row_weight.to(acc) if out_scale is None else row_weight.to(acc) * out_scale.to(acc)
     rows = torch.where(w != 0, w * rows, torch.zeros((), dtype=acc, device=rows.device))
     return rows if ctx.reduction == "none" else rows.sum()
@@ -77,10 +80,10 @@ def _eager_loss(ctx, student, teacher, row_weight, out_scale):
 
 def _backward(ctx, grad_loss, _gs, _gt):
     if grad_loss is None:  # the loss did not reach what is being differentiated
-        return (None,) * 10
+        return (None,) * 11
     grad_s, grad_t, out_scale, student, teacher, row_weight = saved_tensors(ctx)
     needed = [i for i in (0, 1) if ctx.needs_input_grad[i]]
-    out = [None] * 10
+    out = [None] * 11
     if create_graph_requested():  # differentiable: recompute with the eager formula
         inputs = (student, teacher)
         loss = _eager_loss(ctx, as_constant(student), as_constant(teacher), row_weight, out_scale)
@@ -104,17 +107,21 @@ def _backward(ctx, grad_loss, _gs, _gt):
 softmax_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _grad_bound(beta: float, grad_student: bool, grad_teacher: bool) -> float:
+def _grad_bound(beta: float, symmetric: bool, grad_student: bool, grad_teacher: bool) -> float:
     """A bound on |dL/dz| for the gradients the kernel writes (sizes fp16's storage scale).
     The student's gradient in forward KL (p - q) and both JSD gradients stay below 2; the
-    log-ratio forms (teacher gradient of forward KL, student gradient of reverse KL,
-    ``q (log q - log p - L)``) are unbounded in principle: 128 leaves room for a log-ratio
-    of 64 (e^-64) before the stored fp16 value would overflow."""
-    log_ratio_side = (beta == 0.0 and grad_teacher) or (beta == 1.0 and grad_student)
+    log-ratio forms (teacher gradient of forward KL, student gradient of reverse KL, both
+    gradients of the symmetric KL, ``q (log q - log p - L)``) are unbounded in principle:
+    128 leaves room for a log-ratio of 64 (e^-64) before the stored fp16 value would
+    overflow (the symmetric KL's other term, ``r (p - q)`` or ``(1-r)(q - p)``, adds at most
+    its weight, which the log-ratio term's weight leaves room for)."""
+    log_ratio_side = ((beta == 0.0 and grad_teacher) or (beta == 1.0 and grad_student)
+                      or (symmetric and (grad_student or grad_teacher)))
     return 128.0 if log_ratio_side else 2.0
 
 
-def _divergence_loss(op: str, student: Tensor, teacher, beta: float, temperature, reduction: str,
+def _divergence_loss(op: str, student: Tensor, teacher, beta: float, symmetric: bool,
+                     temperature, reduction: str,
                      mask: Optional[Tensor], labels: Optional[Tensor], ignore_index,
                      scale_by_t2, vocab_size, backend: str) -> Tensor:
     temperature, ignore_index, scale_by_t2 = _divergence.check_options(
@@ -160,9 +167,9 @@ def _divergence_loss(op: str, student: Tensor, teacher, beta: float, temperature
     out_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype
 
     if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
-        loss = reference.jsd(student, teacher, beta=beta, temperature=temperature,
-                             reduction=reduction, mask=mask, labels=labels,
-                             ignore_index=ignore_index, scale_by_t2=scale_by_t2)
+        loss = reference.jsd(student, teacher, beta=beta, symmetric=symmetric,
+                             temperature=temperature, reduction=reduction, mask=mask,
+                             labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
         return loss.to(out_dtype)
 
     backend = _backends.resolve_backend(op, backend, device, dtype)
@@ -175,26 +182,33 @@ def _divergence_loss(op: str, student: Tensor, teacher, beta: float, temperature
     coefficient = temperature ** 2 if scale_by_t2 else 1.0
     weights = _divergence.row_weights(
         keep, dtype, reduction, coefficient,
-        grad_bound=_grad_bound(beta, grad_student, grad_teacher) / temperature)
+        grad_bound=_grad_bound(beta, symmetric, grad_student, grad_teacher) / temperature)
     loss, _, _ = softmax_kl_op(s2, t2, weights.kernel, weights.out_scale, temperature, beta,
-                               reduction, backend, grad_student, grad_teacher)
+                               symmetric, reduction, backend, grad_student, grad_teacher)
     loss = loss.to(out_dtype)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
 def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-               direction: str = "forward", reduction: str = "batchmean",
+               direction: str = "forward", forward_weight: Optional[float] = None,
+               reduction: str = "batchmean",
                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                ignore_index: int = -100, scale_by_t2: bool = True,
                vocab_size: Optional[int] = None, backend: str = "auto") -> Tensor:
     """Fused KL divergence between ``p_s = softmax(student_logits / T)`` and
-    ``p_t = softmax(teacher_logits / T)``, row by row over the last dimension.
+    ``p_t = softmax(teacher_logits / T)``, row by row over the last dimension (math and
+    gradients in ``ops/_divergence.py``).
 
     Args:
         student_logits, teacher_logits: raw logits ``(..., V)``, one dtype and device.
         temperature: T > 0, finite, with 1/T (and T² when ``scale_by_t2``) finite in fp32.
         direction: ``"forward"``: KL(p_t || p_s) (the classic distillation loss);
-            ``"reverse"``: KL(p_s || p_t) (mode seeking, as in MiniLLM).
+            ``"reverse"``: KL(p_s || p_t) (mode seeking, as in MiniLLM);
+            ``"symmetric"``: ``r·KL(p_t || p_s) + (1-r)·KL(p_s || p_t)``, both in one
+            kernel launch.
+        forward_weight: r in [0, 1], the forward KL's weight; only with
+            ``direction="symmetric"`` (default 0.5 there; anything else is a ValueError).
+            r = 1 and r = 0 are exactly the forward and the reverse KL.
         reduction: ``"batchmean"``: the sum over kept rows divided by the number of kept
             rows, i.e. a mean per row (per token for ``(B, S, V)`` logits; 0, with a zero
             gradient, when no row is kept). Note that ``torch.nn.functional.kl_div`` and
@@ -212,8 +226,8 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
             Entries whose value is -inf are padding (for a variable k) and contribute
             nothing wherever they point; an index given twice with other values is a
             ``ValueError``. The pair is scattered into a -inf-filled ``(..., V)`` tensor
-            for the dense kernels, which costs one such tensor; reverse KL is then inf
-            wherever the student has mass outside the k.
+            for the dense kernels, which costs one such tensor; reverse KL (and the
+            symmetric KL with r < 1) is then inf wherever the student has mass outside the k.
         backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"reference"``.
 
     The probabilities are never materialized: each row is read in streaming passes for the
@@ -231,10 +245,10 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     (a gradient penalty) recomputes the gradient with the eager formula, differentiably,
     and ``torch.func.grad``/``jacrev``/``hessian`` run that formula throughout.
     """
-    _checks.check_choice("softmax_kl", "direction", direction, DIRECTIONS)
-    return _divergence_loss("softmax_kl", student_logits, teacher_logits,
-                            0.0 if direction == "forward" else 1.0, temperature, reduction,
-                            mask, labels, ignore_index, scale_by_t2, vocab_size, backend)
+    beta, symmetric = _divergence.check_direction("softmax_kl", direction, forward_weight)
+    return _divergence_loss("softmax_kl", student_logits, teacher_logits, beta, symmetric,
+                            temperature, reduction, mask, labels, ignore_index, scale_by_t2,
+                            vocab_size, backend)
 
 
 def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5,
@@ -258,6 +272,6 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5,
     -100 when given labels, and by the batch size (the first dimension) in older versions.
     """
     beta = _divergence.check_beta("jsd", beta)
-    return _divergence_loss("jsd", student_logits, teacher_logits, beta, temperature,
+    return _divergence_loss("jsd", student_logits, teacher_logits, beta, False, temperature,
                             reduction, mask, labels, ignore_index, scale_by_t2, vocab_size,
                             backend)

@@ -17,7 +17,9 @@ them (the Cut Cross-Entropy idea, extended to a teacher distribution):
   ``KL(p || q) = (Xr / l_s - (m_s - m_t)) / T - log l_s + log l_t``.
 * ``linear_kl_grad_kernel`` (grid: row blocks x vocabulary tiles) recomputes its tile,
   forms ``g = dL/dlogits`` with ``log p = (z - m_s)/T - log l_s`` (log q alike):
-  ``w/T (p - q)`` forward, ``w/T p (log p - log q - KL)`` reverse, plus
+  ``w/T (p - q)`` forward, ``w/T p (log p - log q - KL)`` reverse, and for the symmetric
+  KL ``(1-beta) KL(q || p) + beta KL(p || q)`` their weighted sum, with the reverse KL as
+  KL (its value is both KLs weighted alike, from the same statistics), plus
   ``w_ce (softmax(z) - onehot)``; it adds ``g W`` into d hidden and
   ``gᵀ h`` into d weight with fp32 atomics (so the summation order, and the last bits,
   vary between runs).
@@ -26,8 +28,9 @@ FLOPs: 2 N V H (stats) + 2 N V H (recomputed tile) + 4 N V H (d hidden, d weight
 8 N V H, against 6 N V H for a materializing implementation: the price of O(N) memory.
 Minimal bytes: read h, W and t once (t dominates: N V itemsize), write d hidden and
 d weight. Extra memory: fp32 d hidden/d weight accumulators and 9 floats per row per
-split. Supported here: teacher given as logits, forward or reverse KL, optional hard-label
-cross-entropy; the generalized JSD and teacher-as-hidden-states use the chunked algorithm.
+split. Supported here: teacher given as logits, forward, reverse or symmetric KL, optional
+hard-label cross-entropy; the generalized JSD and teacher-as-hidden-states use the chunked
+algorithm.
 Block shapes are fixed per dtype (spill-free for sm_80/sm_90, not yet tuned on a GPU).
 """
 from __future__ import annotations
@@ -165,16 +168,17 @@ def linear_kl_grad_kernel(
     h_ptr, w_ptr, b_ptr, t_ptr, label_ptr, row_ptr, dh_ptr, dw_ptr, db_ptr,
     N, V, H,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_tm, stride_tv,
-    inv_t,
-    REVERSE: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_CE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    inv_t, beta,
+    REVERSE: tl.constexpr, SYMMETRIC: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NEED_CE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """g = dL/dlogits for one tile, then d hidden += g W and d weight += gᵀ h (fp32 atomics).
 
     row_ptr: (8, N) fp32 per-row values: the raw maxima m_s, m_t and log l_s, log l_t (so
     log p = (z - m_s)/T - log l_s), the reverse KL, lse at T = 1, the KD weight
-    (mask x T² x divisor x upstream) and the CE weight.
+    (mask x T² x divisor x upstream) and the CE weight. ``beta``: the reverse KL's weight
+    in the symmetric KL (read only when SYMMETRIC).
     """
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -208,7 +212,11 @@ def linear_kl_grad_kernel(
     log_p = (z - m_s[:, None]) * inv_t - log_l_s[:, None]
     log_q = (t - m_t[:, None]) * inv_t - log_l_t[:, None]
     p = tl.exp(log_p)
-    if REVERSE:  # d/ds of sum p (log p - log q): p (log p - log q - KL)
+    if SYMMETRIC:  # (1 - beta) (p - q) + beta p (log p - log q - KL(p || q))
+        kl_r = tl.load(r + 4 * N, mask=row_mask, other=0.0)
+        g = tl.where(p > 0, p * (log_p - log_q - kl_r[:, None]), 0.0)
+        g = (1.0 - beta) * (p - tl.exp(log_q)) + beta * g
+    elif REVERSE:  # d/ds of sum p (log p - log q): p (log p - log q - KL)
         kl_r = tl.load(r + 4 * N, mask=row_mask, other=0.0)
         g = tl.where(p > 0, p * (log_p - log_q - kl_r[:, None]), 0.0)
     else:  # d/ds of sum q (log q - log p): p - q
@@ -262,10 +270,13 @@ def _merge(m, l, x, inv_t):
 
 def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_weight,
                     temperature: float, reverse: bool, want_grad: bool, *,
-                    stats_config=None, grad_config=None, splits=None, parts=False):
+                    symmetric_beta=None, stats_config=None, grad_config=None, splits=None,
+                    parts=False):
     """Row losses (fp32) and, when ``want_grad``, d hidden / d weight / d bias (fp32).
     With ``parts`` the row losses come as two tensors, the divergence's and the
-    cross-entropy's (each times its row weight), instead of their sum.
+    cross-entropy's (each times its row weight), instead of their sum. ``symmetric_beta``
+    in (0, 1): the symmetric KL ``(1-beta) KL(q || p) + beta KL(p || q)`` (``reverse`` is
+    then ignored).
 
     2-D inputs of one dtype (fp32/fp16/bf16) with unit stride along their last dimension
     (the kernels are compiled for that layout); ``kd_weight``/``ce_weight`` (N,) fp32 row
@@ -316,10 +327,13 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     m_t, l_t, x_f = _merge(stats[:, 3], stats[:, 4], stats[:, 5], inv_t)
     log_l_s, log_l_t = torch.log(l_s), torch.log(l_t)
     # Raw differences first, scaled once: no lse of scaled logits cancels against another.
-    if reverse:
-        kl = (x_r / l_s - (m_s - m_t)) * inv_t - log_l_s + log_l_t
+    symmetric = symmetric_beta is not None
+    kl_r = (x_r / l_s - (m_s - m_t)) * inv_t - log_l_s + log_l_t
+    kl_f = (x_f / l_t - (m_t - m_s)) * inv_t - log_l_t + log_l_s
+    if symmetric:
+        kl = (1.0 - symmetric_beta) * kl_f + symmetric_beta * kl_r
     else:
-        kl = (x_f / l_t - (m_t - m_s)) * inv_t - log_l_t + log_l_s
+        kl = kl_r if reverse else kl_f
     kept = kd_weight != 0
     kd_rows = torch.where(kept, kd_weight * kl, torch.zeros_like(kl))
     ce_rows = torch.zeros_like(kl)
@@ -333,7 +347,8 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     if not want_grad:
         return (*rows, None, None, None)
 
-    row_values = torch.stack([m_s, log_l_s, m_t, log_l_t, kl, lse_1, kd_weight.float(),
+    row_values = torch.stack([m_s, log_l_s, m_t, log_l_t, kl_r if symmetric else kl, lse_1,
+                              kd_weight.float(),
                               ce_weight.float() if need_ce else torch.zeros_like(kl)])
     d_hidden = torch.zeros((n_rows, hidden_size), dtype=torch.float32, device=device)
     d_weight = torch.zeros((vocab, hidden_size), dtype=torch.float32, device=device)
@@ -342,7 +357,8 @@ def linear_kl_tiled(hidden, weight, bias, teacher_logits, labels, kd_weight, ce_
     with on_device(device):
         linear_kl_grad_kernel[(triton.cdiv(n_rows, bm), triton.cdiv(vocab, bv))](
             hidden, weight, bias_arg, teacher_logits, labels_arg, row_values, d_hidden,
-            d_weight, d_bias, n_rows, vocab, hidden_size, *strides, inv_t, REVERSE=reverse,
+            d_weight, d_bias, n_rows, vocab, hidden_size, *strides, inv_t,
+            float(symmetric_beta or 0.0), REVERSE=reverse and not symmetric, SYMMETRIC=symmetric,
             **common, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return (*rows, d_hidden, d_weight, d_bias if bias is not None else None)
 
@@ -357,10 +373,11 @@ _INNER_STRIDES = ("stride_hk", "stride_wk", "stride_tv")
 def _aot_spec(kernel, name, dtype, config, constexprs, aligned):
     bm, bv, bk, warps, stages = config
     types = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
-             "t_ptr": f"*{dtype}", "label_ptr": "*i64", "inv_t": "fp32",
+             "t_ptr": f"*{dtype}", "label_ptr": "*i64", "inv_t": "fp32", "beta": "fp32",
              **{ptr: "*fp32" for ptr in ("stats_ptr", "row_ptr", "dh_ptr", "dw_ptr", "db_ptr")}}
     label = ",".join(f"{k}={v}" for k, v in constexprs.items()
-                     if k in ("REVERSE", "HAS_BIAS", "NEED_CE", "INPUT_PRECISION"))
+                     if k in ("REVERSE", "SYMMETRIC", "HAS_BIAS", "NEED_CE",
+                              "INPUT_PRECISION"))
     constexprs = dict(constexprs, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
                       **{s: 1 for s in _INNER_STRIDES})
     divisible = ()
@@ -384,8 +401,9 @@ def aot_specs():
         for aligned in (True, False):
             specs.append(_aot_spec(linear_kl_stats_kernel, "linear_kl_stats", dtype,
                                    STATS_CONFIG[(kind, aligned)], flags, aligned))
-            for reverse in (False, True):
+            for reverse, symmetric in ((False, False), (True, False), (False, True)):
                 specs.append(_aot_spec(linear_kl_grad_kernel, "linear_kl_grad", dtype,
-                                       GRAD_CONFIG[(kind, aligned)], dict(flags, REVERSE=reverse),
+                                       GRAD_CONFIG[(kind, aligned)],
+                                       dict(flags, REVERSE=reverse, SYMMETRIC=symmetric),
                                        aligned))
     return specs

@@ -1,4 +1,4 @@
-"""Fused softmax KL / generalized JSD in Triton: one program per row, gradients in the forward.
+"""Fused softmax KL / generalized JSD / symmetric KL in Triton: one program per row, gradients in the forward.
 
 For a row of student logits s and teacher logits t (length V), z = s / T, z' = t / T,
 ls = log_softmax(z), lt = log_softmax(z'), p = exp(ls), q = exp(lt), 0 log 0 = 0:
@@ -9,6 +9,10 @@ ls = log_softmax(z), lt = log_softmax(z'), p = exp(ls), q = exp(lt), 0 log 0 = 0
                              Kt = sum q (lt - lm),  Ks = sum p (ls - lm)
                              L = beta Kt + (1-beta) Ks
                              dL/dz = (1-beta) p (ls - lm - Ks),  dL/dz' = beta q (lt - lm - Kt)
+    symmetric, 0 < beta < 1: F = sum q (lt - ls),  R = sum p (ls - lt),  a = 1 - beta
+                             L = a F + beta R
+                             dL/dz = a (p - q) + beta p (ls - lt - R)
+                             dL/dz' = a q (lt - ls - F) + beta (q - p)
 
 Reverse KL is beta == 0 with the inputs swapped (done by the caller). The row weight w
 (mask x T² x batchmean divisor) multiplies the loss, and w / T the gradients; rows with
@@ -18,7 +22,8 @@ The log-softmax is taken around the raw row max m = max x, before scaling by 1/T
 ls = (s - m_s) / T - log sum exp((s - m_s) / T) (and lt alike), so small T, large constant
 offsets and logits near the float maximum lose nothing; the online max rescales the
 running sum by exp((m_old - m_new) / T). JSD vs KL is decided by the launcher on the
-Python (double) beta, which also takes log beta and log(1 - beta) in double.
+Python (double) beta, which also takes log beta and log(1 - beta) in double; symmetric vs
+KL on the fp32 beta (a 0 weight must not multiply an infinite R).
 NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN in
 every entry of each requested gradient (tl.maximum and 0 log 0 = 0 would otherwise let
 some entries, e.g. where q = 0, stay finite).
@@ -29,7 +34,7 @@ student gradient when that is all that is asked for in KL mode), pass 3 writes t
 gradients that need the row total. Passes 2 and 3 re-read the row, which for V <= 256k
 bf16 (512 KiB per row pair) mostly hits L2 when a few rows per SM are in flight.
 FLOPs per element: ~2 exp (pass 1) + 2 exp and ~8 ops (pass 2), + a log1p/exp pair per
-pass for JSD. Minimal bytes: read both logits once (2 N V itemsize), write each requested
+pass for JSD (symmetric: one more exp in pass 2). Minimal bytes: read both logits once (2 N V itemsize), write each requested
 gradient once (N V itemsize) and 4 N bytes of row losses; the kernel is bandwidth-bound.
 Tuned (configs chosen to compile spill-free on sm_80/sm_90; not yet timed on a GPU) for
 N = 4096..16384 rows, V = 32k..152k (Llama 3, Qwen 2) in bf16.
@@ -37,6 +42,7 @@ N = 4096..16384 rows, V = 32k..152k (Llama 3, Qwen 2) in bf16.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -45,7 +51,7 @@ import triton.language as tl
 from cex_kernels.triton._common import AUTOTUNE, aot_spec, on_device
 
 # (BLOCK_V, num_warps): 4..16 elements per thread per live tensor, so the JSD pass (seven
-# live chunk tensors) stays in registers. Autotuned on V.
+# live chunk tensors; the symmetric pass has fewer) stays in registers. Autotuned on V.
 CONFIGS = [(1024, 4), (2048, 8), (4096, 16)]
 # Under the interpreter (CPU tests) a small chunk, so short rows still loop; long rows
 # (V > 4096) take big chunks to keep the interpreted loop short.
@@ -100,8 +106,8 @@ def softmax_kl_fwd_kernel(
     s_ptr, t_ptr, w_ptr, loss_ptr, gs_ptr, gt_ptr,
     V, stride_sm, stride_sv, stride_tm, stride_tv, stride_gsm, stride_gtm,
     inv_t, beta, log_b, log_1mb,
-    IS_JSD: tl.constexpr, WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    IS_JSD: tl.constexpr, IS_SYM: tl.constexpr, WRITE_GS: tl.constexpr,
+    WRITE_GT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: N * V may exceed 2^31
     s_ptr += row * stride_sm
@@ -122,7 +128,7 @@ def softmax_kl_fwd_kernel(
         g_scale = w * inv_t
         acc_t = tl.zeros((BLOCK_V,), tl.float32)
         acc_s = tl.zeros((BLOCK_V,), tl.float32)
-        FUSE_GS: tl.constexpr = WRITE_GS and not WRITE_GT and not IS_JSD
+        FUSE_GS: tl.constexpr = WRITE_GS and not WRITE_GT and not IS_JSD and not IS_SYM
         # Pass 2: loss terms (masked lanes load -inf: p = q = 0, so their terms are 0).
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -135,6 +141,10 @@ def softmax_kl_fwd_kernel(
                 lm = _log_mixture(ls, lt, log_b, log_1mb)
                 acc_t += tl.where(q == 0.0, 0.0, q * (lt - lm))
                 acc_s += tl.where(p == 0.0, 0.0, p * (ls - lm))
+            elif IS_SYM:  # acc_t: F's terms, acc_s: R's
+                p = tl.exp(ls)
+                acc_t += tl.where(q == 0.0, 0.0, q * (lt - ls))
+                acc_s += tl.where(p == 0.0, 0.0, p * (ls - lt))
             else:
                 acc_t += tl.where(q == 0.0, 0.0, q * (lt - ls))
                 if FUSE_GS:
@@ -144,6 +154,9 @@ def softmax_kl_fwd_kernel(
         if IS_JSD:
             ks = tl.sum(acc_s, axis=0)
             loss = beta * kt + (1.0 - beta) * ks
+        elif IS_SYM:
+            ks = tl.sum(acc_s, axis=0)
+            loss = (1.0 - beta) * kt + beta * ks
         else:
             ks = kt
             loss = kt
@@ -170,6 +183,15 @@ def softmax_kl_fwd_kernel(
                     if WRITE_GT:
                         gt = tl.where(q == 0.0, 0.0, q * (lt - lm - kt)) * (beta * g_scale)
                         tl.store(gt_ptr + cols, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+                elif IS_SYM:  # kt = F, ks = R
+                    if WRITE_GS:
+                        rev = tl.where(p == 0.0, 0.0, p * (ls - lt - ks))
+                        gs = ((1.0 - beta) * (p - q) + beta * rev) * g_scale
+                        tl.store(gs_ptr + cols, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+                    if WRITE_GT:
+                        fwd = tl.where(q == 0.0, 0.0, q * (lt - ls - kt))
+                        gt = ((1.0 - beta) * fwd + beta * (q - p)) * g_scale
+                        tl.store(gt_ptr + cols, gt.to(gt_ptr.dtype.element_ty), mask=mask)
                 else:
                     if WRITE_GS:
                         tl.store(gs_ptr + cols, ((p - q) * g_scale).to(gs_ptr.dtype.element_ty),
@@ -181,14 +203,15 @@ def softmax_kl_fwd_kernel(
 
 softmax_kl_fwd_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in CONFIGS],
-    key=["V", "IS_JSD", "WRITE_GS", "WRITE_GT"],
+    key=["V", "IS_JSD", "IS_SYM", "WRITE_GS", "WRITE_GT"],
 )(softmax_kl_fwd_kernel)
 
 
 def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
-                   inv_temperature: float, beta: float, grad_student: bool, grad_teacher: bool,
-                   *, config=None, autotune=None):
-    """Launch one program per row. 2-D logits of one dtype, any strides; ``beta`` in [0, 1).
+                   inv_temperature: float, beta: float, symmetric: bool, grad_student: bool,
+                   grad_teacher: bool, *, config=None, autotune=None):
+    """Launch one program per row. 2-D logits of one dtype, any strides; ``beta`` in [0, 1),
+    ``symmetric`` selects the symmetric KL over the generalized JSD.
 
     By default a GPU autotunes over CONFIGS (or takes the first with CEX_TRITON_AUTOTUNE=0)
     and the interpreter runs INTERPRETER_CONFIG; ``config`` (a ``(BLOCK_V, num_warps)``
@@ -207,15 +230,17 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     if n_rows == 0 or V == 0:
         return row_loss, gs, gt
     weight = row_weight.to(torch.float32).contiguous()
-    # Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD.
-    is_jsd = beta > 0.0
+    # Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD; a
+    # symmetric one is the forward KL (its 0 weight must not multiply an infinite R).
+    is_jsd = not symmetric and beta > 0.0
+    is_sym = bool(symmetric) and struct.unpack("f", struct.pack("f", beta))[0] > 0.0
     log_b = math.log(beta) if is_jsd else 0.0
     log_1mb = math.log1p(-beta) if is_jsd else 0.0
     args = (student, teacher, weight, row_loss, gs if grad_student else student,
             gt if grad_teacher else teacher, V, *student.stride(), *teacher.stride(),
             V if grad_student else 0, V if grad_teacher else 0,
             float(inv_temperature), float(beta), log_b, log_1mb)
-    flags = dict(IS_JSD=is_jsd, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
+    flags = dict(IS_JSD=is_jsd, IS_SYM=is_sym, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
     if autotune is None:
         autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
     if config is None and not autotune:
@@ -233,25 +258,29 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     return row_loss, gs, gt
 
 
-# Ahead-of-time compile specs: every config, for each dtype and both modes, with both
+# Ahead-of-time compile specs: every config, for each dtype and each mode, with both
 # gradients written (the most registers), specialized as the JIT specializes the common
 # case (unit inner strides, 16-divisible pointers and sizes), plus one generic variant per
 # dtype and mode (odd strides and V).
 _INT_ARGS = ("V", "stride_sm", "stride_tm", "stride_gsm", "stride_gtm")
 
 
-def _aot_spec(dtype, is_jsd, config, aligned):
+MODES = {"kl": dict(IS_JSD=False, IS_SYM=False), "jsd": dict(IS_JSD=True, IS_SYM=False),
+         "sym": dict(IS_JSD=False, IS_SYM=True)}
+
+
+def _aot_spec(dtype, mode, config, aligned):
     block_v, warps = config
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
              "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32", "beta": "fp32",
              "log_b": "fp32", "log_1mb": "fp32"}
-    constexprs = {"IS_JSD": is_jsd, "WRITE_GS": True, "WRITE_GT": True, "BLOCK_V": block_v}
+    constexprs = {**MODES[mode], "WRITE_GS": True, "WRITE_GT": True, "BLOCK_V": block_v}
     divisible = ()
     if aligned:
         constexprs.update({"stride_sv": 1, "stride_tv": 1})
         divisible = ("s_ptr", "t_ptr", "w_ptr", "loss_ptr", "gs_ptr", "gt_ptr") + _INT_ARGS
     return aot_spec(softmax_kl_fwd_kernel,
-                    f"softmax_kl_fwd[{dtype}/{'jsd' if is_jsd else 'kl'},{block_v},w{warps}"
+                    f"softmax_kl_fwd[{dtype}/{mode},{block_v},w{warps}"
                     f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
                     num_warps=warps, num_stages=1)
 
@@ -259,7 +288,7 @@ def _aot_spec(dtype, is_jsd, config, aligned):
 def aot_specs():
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for is_jsd in (False, True):
-            specs += [_aot_spec(dtype, is_jsd, cfg, aligned=True) for cfg in CONFIGS]
-            specs.append(_aot_spec(dtype, is_jsd, CONFIGS[0], aligned=False))
+        for mode in MODES:
+            specs += [_aot_spec(dtype, mode, cfg, aligned=True) for cfg in CONFIGS]
+            specs.append(_aot_spec(dtype, mode, CONFIGS[0], aligned=False))
     return specs

@@ -6,23 +6,31 @@
 //   0<beta<1:   lm = log(beta q + (1-beta) p) = logaddexp(lt + log beta, ls + log(1-beta))
 //               Kt = sum q (lt - lm), Ks = sum p (ls - lm), L = beta Kt + (1-beta) Ks
 //               dL/dz_s = (1-beta) p (ls - lm - Ks);   dL/dz_t = beta q (lt - lm - Kt)
-// (reverse KL is beta == 0 with the inputs swapped, done by the caller). Outputs are
+//   symmetric, 0<beta<1 (a = 1-beta, the forward KL's weight):
+//               F = sum q (lt - ls), R = sum p (ls - lt), L = a F + beta R
+//               dL/dz_s = a (p - q) + beta p (ls - lt - R)
+//               dL/dz_t = a q (lt - ls - F) + beta (q - p)
+// (reverse KL is beta == 0 with the inputs swapped, done by the caller; symmetric with
+// beta == 0 is the forward KL). Outputs are
 // multiplied by the row weight w (mask, T^2, batchmean divisor) and the gradients by inv_t.
 // The log-softmax is taken around the raw row max m = max x, before scaling:
 //   ls = (x - m) inv_t - log sum exp((x - m) inv_t)
 // so no z = x inv_t is ever formed: small T, large constant offsets and logits near the
 // float maximum lose nothing (x - m is exact-ish, and <= 0, before it is scaled).
 // JSD vs KL is decided on the double beta (a beta that rounds to 0 in fp32 is still JSD);
-// log beta, log(1 - beta) and 1 - beta are taken in double, then narrowed.
+// log beta, log(1 - beta) and 1 - beta are taken in double, then narrowed. Symmetric vs KL
+// is decided on the narrowed beta (a 0 weight must not multiply an infinite R).
 // NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN
 // in every entry of each requested gradient, whatever the max/min NaN semantics below.
 //
 // Passes over a row: (1) max of each row (vectorized), (2) sum of exp for each, giving the
 // log-normalizers, (3) the loss terms -- and, for KL with only the student gradient, the
-// gradient too -- (4) the gradients when they need the row total L (teacher gradient, JSD).
+// gradient too -- (4) the gradients when they need the row totals (teacher gradient, JSD,
+// symmetric).
 // A row of V fp32 logits is 4V bytes, so passes 2-4 read from L2 up to V ~ 64k and from L3
 // beyond; DRAM sees each input once.
-// FLOPs per element: about 3 exp + 1 log1p (JSD) or 2 exp (KL) plus ~10 arithmetic ops.
+// FLOPs per element: about 3 exp + 1 log1p (JSD), 2 exp (KL) or 3-4 exp (symmetric) plus
+// ~10 arithmetic ops.
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
 // (N V itemsize), plus 4 N for the row losses.
 // Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
@@ -94,15 +102,17 @@ struct BlockedSum {
   }
 };
 
-// The mode and mixture weights of a row, from the double beta (see the top comment).
+// The mode and mixture weights of a row, from the double beta (see the top comment):
+// KL when neither jsd nor sym is set.
 template <typename T>
 struct Mixture {
-  bool jsd;
+  bool jsd, sym;
   T beta, one_m_beta, log_b, log_1mb;
-  explicit Mixture(double b)
-      : jsd(b > 0.0), beta(static_cast<T>(b)), one_m_beta(static_cast<T>(1.0 - b)),
-        log_b(static_cast<T>(b > 0.0 ? std::log(b) : 0.0)),
-        log_1mb(static_cast<T>(b > 0.0 ? std::log1p(-b) : 0.0)) {}
+  Mixture(double b, bool symmetric)
+      : jsd(!symmetric && b > 0.0), sym(symmetric && static_cast<T>(b) > T(0)),
+        beta(static_cast<T>(b)), one_m_beta(static_cast<T>(1.0 - b)),
+        log_b(static_cast<T>(jsd ? std::log(b) : 0.0)),
+        log_1mb(static_cast<T>(jsd ? std::log1p(-b) : 0.0)) {}
 };
 
 // A row's raw max m and log sum_i exp(inv_t (x_i - m)): its log-softmax is
@@ -146,7 +156,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
   auto put = [&](T* out, int64_t i, int64_t count, const Vec& v) {
     if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
   };
-  if (!mix.jsd) {  // KL(q || p)
+  if (!mix.jsd && !mix.sym) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;  // student gradient needs no L
     BlockedSum<T> acc;
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
@@ -167,6 +177,32 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
       });
     }
     return w * loss;
+  }
+  if (mix.sym) {  // (1 - beta) KL(q || p) + beta KL(p || q): both totals, then the gradients
+    BlockedSum<T> acc_f, acc_r;
+    for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
+      const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
+      const Vec p = ls.exp(), q = lt.exp();
+      acc_f.add(Vec::blendv(zero, Vec::blendv(q * (lt - ls), zero, q == zero), valid));
+      acc_r.add(Vec::blendv(zero, Vec::blendv(p * (ls - lt), zero, p == zero), valid));
+    });
+    const T f = acc_f.result(), r = acc_r.result();
+    if (gs != nullptr || gt != nullptr) {
+      const Vec vf(f), vr(r), a(mix.one_m_beta), b(mix.beta);
+      for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
+        const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
+        const Vec p = ls.exp(), q = lt.exp();
+        if (gs != nullptr) {
+          const Vec rev = Vec::blendv(p * (ls - lt - vr), zero, p == zero);
+          put(gs, i, count, (a * (p - q) + b * rev) * gscale);
+        }
+        if (gt != nullptr) {
+          const Vec fwd = Vec::blendv(q * (lt - ls - vf), zero, q == zero);
+          put(gt, i, count, (a * fwd + b * (q - p)) * gscale);
+        }
+      });
+    }
+    return w * (mix.one_m_beta * f + mix.beta * r);
   }
   // Generalized JSD with the mixture m = beta q + (1 - beta) p.
   const Vec log_b(mix.log_b), log_1mb(mix.log_1mb);
@@ -291,7 +327,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   auto logp = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
     return _mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c);
   };
-  if (!mix.jsd) {  // KL(q || p)
+  if (!mix.jsd && !mix.sym) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;
     const __m256 gscale = _mm256_set1_ps(w * inv_t);
     BlockedSum8 acc;
@@ -312,6 +348,38 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
       }
     }
     return w * loss;
+  }
+  if (mix.sym) {  // (1 - beta) KL(q || p) + beta KL(p || q)
+    BlockedSum8 acc_f, acc_r;
+    for (int64_t i = 0; i < V; i += 8) {
+      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
+      const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+      acc_f.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
+      acc_r.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lt))));
+    }
+    const float f = acc_f.result(), r = acc_r.result();
+    if (gs != nullptr || gt != nullptr) {
+      const __m256 vf = _mm256_set1_ps(f), vr = _mm256_set1_ps(r);
+      const __m256 a = _mm256_set1_ps(mix.one_m_beta), b = _mm256_set1_ps(mix.beta);
+      const __m256 gscale = _mm256_set1_ps(w * inv_t);
+      for (int64_t i = 0; i < V; i += 8) {
+        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
+        const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+        if (gs != nullptr) {
+          const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lt), vr);
+          const __m256 rev = zero_where_zero(p, _mm256_mul_ps(p, d));
+          const __m256 g = _mm256_fmadd_ps(a, _mm256_sub_ps(p, q), _mm256_mul_ps(b, rev));
+          store8(gs + i, V - i, _mm256_mul_ps(g, gscale));
+        }
+        if (gt != nullptr) {
+          const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vf);
+          const __m256 fwd = zero_where_zero(q, _mm256_mul_ps(q, d));
+          const __m256 g = _mm256_fmadd_ps(b, _mm256_sub_ps(q, p), _mm256_mul_ps(a, fwd));
+          store8(gt + i, V - i, _mm256_mul_ps(g, gscale));
+        }
+      }
+    }
+    return w * (mix.one_m_beta * f + mix.beta * r);
   }
   const __m256 log_b = _mm256_set1_ps(mix.log_b), log_1mb = _mm256_set1_ps(mix.log_1mb);
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -418,7 +486,7 @@ void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, double beta, bool grad_student, bool grad_teacher) {
+    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && row_weight.device().is_cpu(),
               "cex cpu softmax_kl: all tensors must be on the CPU");
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
@@ -449,7 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
                                   "cex_softmax_kl_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     divergence_rows<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
-                                     static_cast<acc_t>(inv_temperature), Mixture<acc_t>(beta));
+                                     static_cast<acc_t>(inv_temperature),
+                                     Mixture<acc_t>(beta, symmetric));
   });
   return {row_loss, grad_s, grad_t};
 }

@@ -11,6 +11,7 @@ namespace cpu {
 // q = softmax(teacher * inv_t) and beta in [0, 1):
 //   beta == 0:  L_r = KL(q || p)
 //   otherwise:  L_r = beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p
+//   symmetric:  L_r = (1 - beta) KL(q || p) + beta KL(p || q)   (beta == 0: KL(q || p))
 // Returns (row_loss (N,) = w * L in float32 (float64 for float64 inputs),
 //          grad_student = w * inv_t * dL/dz_s, grad_teacher = w * inv_t * dL/dz_t)
 // with the gradients in the logits' dtype, each an empty tensor unless asked for.
@@ -19,7 +20,7 @@ namespace cpu {
 // JSD). A kept row whose loss is NaN gets NaN in every entry of each requested gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, double beta, bool grad_student, bool grad_teacher);
+    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher);
 
 }  // namespace cpu
 }  // namespace cex

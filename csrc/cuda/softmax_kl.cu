@@ -7,11 +7,15 @@
 //   0<beta<1:   lm = logaddexp(lt + log beta, ls + log(1-beta));  Kt = sum q (lt - lm);
 //               Ks = sum p (ls - lm);  L = beta Kt + (1-beta) Ks;
 //               dL/dz_s = (1-beta) p (ls - lm - Ks);  dL/dz_t = beta q (lt - lm - Kt)
+//   symmetric, 0<beta<1 (a = 1-beta):  F = sum q (lt - ls);  R = sum p (ls - lt);
+//               L = a F + beta R;  dL/dz_s = a (p - q) + beta p (ls - lt - R);
+//               dL/dz_t = a q (lt - ls - F) + beta (q - p)
 // Reverse KL is beta == 0 with the inputs swapped (by the caller).
 // The log-softmax is taken around the raw row max m, before scaling:
 //   ls = (x - m) inv_t - log sum exp((x - m) inv_t)
 // so small T, large constant offsets and logits near the float maximum lose nothing.
 // JSD vs KL is decided on the double beta; log beta and log(1 - beta) are taken in double.
+// Symmetric vs KL is decided on the fp32 beta (a 0 weight must not multiply an infinite R).
 // NaN rule: a kept row whose loss is NaN (a NaN logit, or +inf giving inf - inf) gets NaN in
 // every entry of each requested gradient (fmaxf and 0 log 0 = 0 would leave some finite).
 //
@@ -20,7 +24,8 @@
 // student gradient for KL without a teacher gradient), block-reduced, (3) the gradients
 // that need the row totals. Passes 2-3 re-read the row from L2 (a 152k bf16 row pair is
 // 600 KiB; with ~2 blocks per SM in flight the working set fits H100's 50 MiB L2).
-// FLOPs per element: ~4 exp (KL) or ~6 exp + 2 log1p (JSD) and ~15 other ops.
+// FLOPs per element: ~4 exp (KL), ~6 exp (symmetric) or ~6 exp + 2 log1p (JSD) and ~15
+// other ops.
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient
 // once (N V itemsize) and 4 N bytes of row losses.
 // Tuned for N = 4096..16384, V = 32k..152k in bf16 (512 threads: 64-300 elements per
@@ -118,7 +123,9 @@ __device__ __forceinline__ float log_mixture(float ls, float lt, float log_b, fl
   return hi == -INFINITY ? hi : hi + log1pf(expf(lo - hi));
 }
 
-template <typename T, bool kJsd>
+enum class Mode { kKl, kJsd, kSymmetric };
+
+template <typename T, Mode kMode>
 __global__ void __launch_bounds__(kThreads)
 softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __restrict__ t,
                       int64_t t_stride, const float* __restrict__ w, float* __restrict__ loss,
@@ -161,7 +168,7 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
     return true;
   };
 
-  if (!kJsd) {  // KL(q || p)
+  if (kMode == Mode::kKl) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;
     float acc = 0.f;
     for (int64_t i = threadIdx.x; i < V; i += kThreads) {
@@ -179,6 +186,36 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
         const float q = expf(lt);
         if (gs) gs[i] = from_float<T>((expf(ls) - q) * g_scale);
         gt[i] = from_float<T>((q == 0.f ? 0.f : q * (lt - ls - total)) * g_scale);
+      }
+    }
+    if (threadIdx.x == 0) loss[row] = wr * total;
+    return;
+  }
+  if (kMode == Mode::kSymmetric) {  // (1 - beta) KL(q || p) + beta KL(p || q)
+    float acc_f = 0.f, acc_r = 0.f;
+    for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+      const float ls = log_softmax(to_float(s[i]), max_s, cs);
+      const float lt = log_softmax(to_float(t[i]), max_t, ct);
+      const float p = expf(ls), q = expf(lt);
+      acc_f += q == 0.f ? 0.f : q * (lt - ls);
+      acc_r += p == 0.f ? 0.f : p * (ls - lt);
+    }
+    const float f = block_sum(acc_f, scratch[0]);
+    const float r = block_sum(acc_r, scratch[1]);
+    const float total = one_m_beta * f + beta * r;
+    if (!nan_fill(total) && (gs != nullptr || gt != nullptr)) {
+      for (int64_t i = threadIdx.x; i < V; i += kThreads) {
+        const float ls = log_softmax(to_float(s[i]), max_s, cs);
+        const float lt = log_softmax(to_float(t[i]), max_t, ct);
+        const float p = expf(ls), q = expf(lt);
+        if (gs) {
+          const float rev = p == 0.f ? 0.f : p * (ls - lt - r);
+          gs[i] = from_float<T>((one_m_beta * (p - q) + beta * rev) * g_scale);
+        }
+        if (gt) {
+          const float fwd = q == 0.f ? 0.f : q * (lt - ls - f);
+          gt[i] = from_float<T>((one_m_beta * fwd + beta * (q - p)) * g_scale);
+        }
       }
     }
     if (threadIdx.x == 0) loss[row] = wr * total;
@@ -217,9 +254,11 @@ softmax_kl_fwd_kernel(const T* __restrict__ s, int64_t s_stride, const T* __rest
 template <typename T>
 int launch(const void* student, int64_t s_stride, const void* teacher, int64_t t_stride,
            const float* w, float* loss, void* gs, void* gt, int64_t n_rows, int64_t V,
-           float inv_t, double beta, cudaStream_t stream) {
-  // Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD.
-  const bool jsd = beta > 0.0;
+           float inv_t, double beta, bool symmetric, cudaStream_t stream) {
+  // Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD; a
+  // symmetric one is the forward KL (its 0 weight must not multiply an infinite R).
+  const bool jsd = !symmetric && beta > 0.0;
+  const bool sym = symmetric && static_cast<float>(beta) > 0.f;
   const float log_b = jsd ? static_cast<float>(std::log(beta)) : 0.f;
   const float log_1mb = jsd ? static_cast<float>(std::log1p(-beta)) : 0.f;
   const float beta_f = static_cast<float>(beta), one_m_beta = static_cast<float>(1.0 - beta);
@@ -227,11 +266,15 @@ int launch(const void* student, int64_t s_stride, const void* teacher, int64_t t
   auto* s = static_cast<const T*>(student);
   auto* t = static_cast<const T*>(teacher);
   if (jsd) {
-    softmax_kl_fwd_kernel<T, true><<<grid, block, 0, stream>>>(
+    softmax_kl_fwd_kernel<T, Mode::kJsd><<<grid, block, 0, stream>>>(
+        s, s_stride, t, t_stride, w, loss, static_cast<T*>(gs), static_cast<T*>(gt), V, inv_t,
+        beta_f, one_m_beta, log_b, log_1mb);
+  } else if (sym) {
+    softmax_kl_fwd_kernel<T, Mode::kSymmetric><<<grid, block, 0, stream>>>(
         s, s_stride, t, t_stride, w, loss, static_cast<T*>(gs), static_cast<T*>(gt), V, inv_t,
         beta_f, one_m_beta, log_b, log_1mb);
   } else {
-    softmax_kl_fwd_kernel<T, false><<<grid, block, 0, stream>>>(
+    softmax_kl_fwd_kernel<T, Mode::kKl><<<grid, block, 0, stream>>>(
         s, s_stride, t, t_stride, w, loss, static_cast<T*>(gs), static_cast<T*>(gt), V, inv_t,
         beta_f, one_m_beta, log_b, log_1mb);
   }
@@ -243,7 +286,8 @@ int launch(const void* student, int64_t s_stride, const void* teacher, int64_t t
 int softmax_kl_fwd(DType dtype, const void* student, int64_t student_row_stride,
                    const void* teacher, int64_t teacher_row_stride, const float* row_weight,
                    float* row_loss, void* grad_student, void* grad_teacher, int64_t n_rows,
-                   int64_t V, float inv_temperature, double beta, void* stream) {
+                   int64_t V, float inv_temperature, double beta, bool symmetric,
+                   void* stream) {
   if (n_rows == 0 || V == 0) return 0;
   if (n_rows > 2147483647LL) return static_cast<int>(cudaErrorInvalidConfiguration);
   auto st = static_cast<cudaStream_t>(stream);
@@ -251,15 +295,15 @@ int softmax_kl_fwd(DType dtype, const void* student, int64_t student_row_stride,
     case DType::kFloat32:
       return launch<float>(student, student_row_stride, teacher, teacher_row_stride, row_weight,
                            row_loss, grad_student, grad_teacher, n_rows, V, inv_temperature,
-                           beta, st);
+                           beta, symmetric, st);
     case DType::kFloat16:
       return launch<__half>(student, student_row_stride, teacher, teacher_row_stride, row_weight,
                             row_loss, grad_student, grad_teacher, n_rows, V, inv_temperature,
-                            beta, st);
+                            beta, symmetric, st);
     case DType::kBFloat16:
       return launch<__nv_bfloat16>(student, student_row_stride, teacher, teacher_row_stride,
                                    row_weight, row_loss, grad_student, grad_teacher, n_rows, V,
-                                   inv_temperature, beta, st);
+                                   inv_temperature, beta, symmetric, st);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

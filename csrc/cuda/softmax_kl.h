@@ -13,6 +13,7 @@ namespace cuda {
 // q = softmax(inv_t * teacher[r]) and beta in [0, 1):
 //   beta == 0:  L = KL(q || p)
 //   otherwise:  L = beta KL(q || m) + (1 - beta) KL(p || m),   m = beta q + (1 - beta) p
+//   symmetric:  L = (1 - beta) KL(q || p) + beta KL(p || q)     (beta == 0: KL(q || p))
 //   row_loss[r]     = w[r] * L                       (fp32; 0 where w[r] == 0)
 //   grad_student[r] = w[r] * inv_t * dL/dz_student   (if grad_student != nullptr)
 //   grad_teacher[r] = w[r] * inv_t * dL/dz_teacher   (if grad_teacher != nullptr)
@@ -21,14 +22,15 @@ namespace cuda {
 // not read and get zero gradients. fp32 accumulation, with the log-softmax taken around the
 // raw row max (inv_t (x - max x), exact for any T). A kept row whose loss is NaN gets NaN in
 // every entry of each requested gradient. beta is a double: JSD vs KL is decided on it (a
-// beta that rounds to 0 in fp32 is still a JSD). Returns a cudaError_t as int.
+// beta that rounds to 0 in fp32 is still a JSD; symmetric with a beta that rounds to 0 in
+// fp32 is the forward KL). Returns a cudaError_t as int.
 int softmax_kl_fwd(DType dtype,
                    const void* student, int64_t student_row_stride,
                    const void* teacher, int64_t teacher_row_stride,
                    const float* row_weight, float* row_loss,
                    void* grad_student, void* grad_teacher,
                    int64_t n_rows, int64_t V, float inv_temperature, double beta,
-                   void* stream);
+                   bool symmetric, void* stream);
 
 }  // namespace cuda
 }  // namespace cex
