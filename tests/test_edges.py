@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import cex_kernels
 from conftest import backend_cases
+from oracle import divergence_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -23,22 +24,7 @@ HAS_TRITON_HERE = any(c.values == ("cpu", "triton") and not c.marks for c in bac
 # --- the float64 oracle ---------------------------------------------------------------------
 
 def oracle_rows(s, t, beta, temperature):
-    """Per-row generalized JSD (beta=0: KL(q||p), beta=1: KL(p||q)) in float64, 0 log 0 = 0."""
-    ls = torch.log_softmax(s.double() / temperature, -1)
-    lt = torch.log_softmax(t.double() / temperature, -1)
-
-    def kl(la, lb):  # sum a (log a - log b), with a = 0 terms 0 (and 0 gradient)
-        a = la.exp()
-        live = a > 0
-        return torch.where(live, a * (torch.where(live, la, 0) - torch.where(live, lb, 0)),
-                           0).sum(-1)
-
-    if beta == 0:
-        return kl(lt, ls)
-    if beta == 1:
-        return kl(ls, lt)
-    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-    return beta * kl(lt, lm) + (1 - beta) * kl(ls, lm)
+    return divergence_rows(s, t, temperature=temperature, beta=beta)
 
 
 def oracle_loss(s, t, beta=0.0, temperature=1.0, keep=None, reduction="batchmean",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import cex_kernels
 from conftest import backend_cases
+from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic these inputs ask for.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -25,26 +26,9 @@ TRITON_CASES = [c for c in backend_cases() if c.values[1] == "triton"]
 
 # --- the float64 oracle -----------------------------------------------------------------
 
-def _plogp_ratio(log_p, log_r):
-    """sum p (log p - log r) over the last dim, 0 log 0 = 0, finite gradients where p == 0."""
-    p = log_p.exp()
-    keep = p > 0
-    zero = torch.zeros((), dtype=p.dtype)
-    return torch.where(keep, p * (torch.where(keep, log_p, zero) - torch.where(keep, log_r, zero)),
-                       zero).sum(-1)
-
-
 def oracle_rows(s, t, temperature, beta):
-    """Per-row divergence in float64: beta = 0 KL(q || p), beta = 1 KL(p || q), else the
-    generalized JSD beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p."""
-    ls = F.log_softmax(s / temperature, dim=-1)
-    lt = F.log_softmax(t / temperature, dim=-1)
-    if beta == 0:
-        return _plogp_ratio(lt, ls)
-    if beta == 1:
-        return _plogp_ratio(ls, lt)
-    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-    return beta * _plogp_ratio(lt, lm) + (1 - beta) * _plogp_ratio(ls, lm)
+    """Per-row divergence in float64 (``tests/oracle.py``)."""
+    return divergence_rows(s, t, temperature=temperature, beta=beta)
 
 
 def oracle(s, t, temperature, beta):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import cex_kernels
 from conftest import TOLERANCES, assert_close_to_reference, backend_cases, skip_unsupported
+from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic some inputs ask for.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
@@ -28,25 +29,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 # --- the float64 oracle ---------------------------------------------------------------------
 
-def _kl(la, lb):
-    """sum a (log a - log b) over the last dim, a = 0 terms 0 (with 0 gradient)."""
-    a = la.exp()
-    live = a > 0
-    zero = torch.zeros((), dtype=a.dtype)
-    return torch.where(live, a * (torch.where(live, la, zero) - torch.where(live, lb, zero)),
-                       zero).sum(-1)
-
-
 def oracle_rows(s, t, r, temperature):
-    """Per-row r KL(q || p) + (1 - r) KL(p || q) in float64 (a 0 weight drops its term)."""
-    ls = F.log_softmax(s.double() / temperature, -1)
-    lt = F.log_softmax(t.double() / temperature, -1)
-    rows = torch.zeros(ls.shape[:-1], dtype=torch.float64)
-    if r > 0:
-        rows = rows + r * _kl(lt, ls)
-    if r < 1:
-        rows = rows + (1 - r) * _kl(ls, lt)
-    return rows
+    """Per-row r KL(q || p) + (1 - r) KL(p || q) in float64 (``tests/oracle.py``)."""
+    return divergence_rows(s, t, temperature=temperature, forward_weight=r)
 
 
 def oracle_loss(s, t, r, temperature=1.0, keep=None, reduction="batchmean"):
