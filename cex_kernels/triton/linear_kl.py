@@ -54,7 +54,7 @@ STATS_CONFIG = {
     ("fp32", True): (16, 64, 32, 4, 2), ("fp32", False): (32, 64, 32, 8, 1),
 }
 GRAD_CONFIG = {
-    ("tensor_core", True): (128, 64, 32, 8, 2), ("tensor_core", False): (64, 128, 32, 8, 2),
+    ("tensor_core", True): (128, 64, 32, 8, 2), ("tensor_core", False): (64, 64, 32, 8, 2),
     ("tf32", True): (64, 64, 32, 8, 1), ("tf32", False): (64, 64, 32, 8, 2),
     ("fp32", True): (32, 64, 32, 8, 1), ("fp32", False): (32, 64, 32, 8, 1),
 }
