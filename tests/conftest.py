@@ -142,6 +142,30 @@ def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
                     "bf16 Triton runs in the CUDA test run")
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a test's torch.distributed store)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rerun_cpu_cases_on_portable_path(test_file: str) -> None:
+    """The CPU backend picks its AVX2 or portable (baseline-ISA) path once per process:
+    rerun ``test_file``'s ``cpu-cpu`` cases in a subprocess with the portable path forced."""
+    import subprocess
+    import sys
+    if not cex_kernels.backends()["cpu"]:
+        pytest.skip("compiled extension not built")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, CEX_DISABLE_AVX2="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                           os.path.abspath(test_file), "-k", "cpu-cpu and not portable_path"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, \
+        proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread: for tiny models on a shared 2-core machine it is many times

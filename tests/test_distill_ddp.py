@@ -1,7 +1,6 @@
 """DDP on 2 CPU processes (gloo) ends where the single-process run does: an MLP, and GPT-2 on
 rows of different lengths with hard labels (one spawn runs both, to keep the test short)."""
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 
 from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig
 from cex_kernels.distill.registry import MLP, sparse_parity
+from conftest import free_port
 
 
 
@@ -63,17 +63,11 @@ def _worker(rank, world, port, out_file, with_gpt2):
             dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     """Both ranks' results of one 2-process spawn."""
     out_file = str(tmp_path_factory.mktemp("ddp") / "ddp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out_file, _has_transformers()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out_file, _has_transformers()), nprocs=2, join=True)
     return [torch.load(f"{out_file}.{r}", weights_only=False) for r in range(2)]
 
 

@@ -3,7 +3,6 @@ student and teacher sharded ends where one process does; a run stopped mid-phase
 from its sharded (``torch.distributed.checkpoint``) checkpoint ends exactly where the
 uninterrupted one does; bf16 parameters (``MixedPrecisionPolicy``) train. One spawn runs all."""
 import os
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),  # tiny models, shared mach
 
 from cex_kernels.distill import CurriculumExtraction, Trainer, TrainConfig  # noqa: E402
 from cex_kernels.distill.registry import tiny_gpt2  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 V = 64
 
@@ -80,16 +80,10 @@ def _worker(rank, world, port, tmp):
             dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(_worker, args=(2, _free_port(), tmp), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), tmp), nprocs=2, join=True)
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(2)]
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cex_kernels
-from conftest import backend_cases
+from conftest import backend_cases, rerun_cpu_cases_on_portable_path
 from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic these inputs ask for.
@@ -265,16 +265,5 @@ def test_interpreter_bf16_dot_is_computed_in_fp32(device, backend):
 
 
 def test_cpu_portable_path_passes_these_tests():
-    """The tests above run the CPU backend's AVX2 path on an AVX2 machine; the portable
-    (baseline-ISA) path is chosen once per process, so it runs them in a subprocess."""
-    import os
-    import subprocess
-    import sys
-    if not cex_kernels.backends()["cpu"]:
-        pytest.skip("compiled extension not built")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CEX_DISABLE_AVX2="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__), "-k", "cpu-cpu and not portable_path"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """The cpu tests above again, on the CPU backend's portable (non-AVX2) path."""
+    rerun_cpu_cases_on_portable_path(__file__)

@@ -5,9 +5,6 @@ The oracle is float64 math written in this file (never ``cex_kernels.reference``
 also a backend): log-softmaxes, the two KLs with 0·log 0 = 0, and autograd through them for
 the gradients and gradients of gradients.
 """
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import cex_kernels
-from conftest import TOLERANCES, assert_close_to_reference, backend_cases, skip_unsupported
+from conftest import (TOLERANCES, assert_close_to_reference, backend_cases,
+                      rerun_cpu_cases_on_portable_path, skip_unsupported)
 from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic some inputs ask for.
@@ -255,16 +253,8 @@ def test_large_offset_and_small_temperature(device, backend):
 
 
 def test_cpu_portable_path_passes_these_tests():
-    """The CPU backend picks its AVX2 or portable (baseline-ISA) path once per process: the
-    cpu tests above rerun in a subprocess with the portable path forced."""
-    if not cex_kernels.backends()["cpu"]:
-        pytest.skip("compiled extension not built")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, CEX_DISABLE_AVX2="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__), "-k", "cpu-cpu and not portable_path"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    """The cpu tests above again, on the CPU backend's portable (non-AVX2) path."""
+    rerun_cpu_cases_on_portable_path(__file__)
 
 
 # --- linear_kl --------------------------------------------------------------------------------
