@@ -115,7 +115,8 @@ class DistillationMethod:
 
     ``teacher`` may be a :class:`~cex_kernels.distill.cache.TeacherCache` (or a cache
     directory): offline training, ``self.offline``. ``top_k_loss`` ("renormalized" or
-    "tail", see :mod:`~cex_kernels.distill.top_k`) picks the KL estimator for a top-k cache;
+    "tail", see :mod:`~cex_kernels.distill.top_k`) picks the KL estimator for a top-k cache
+    (a model teacher's full logits ignore it, so one config serves caching and training);
     a sampled cache always uses the sampled (unbiased) estimator.
     """
 
@@ -140,9 +141,6 @@ class DistillationMethod:
         self.offline = isinstance(teacher, TeacherCache)
         if top_k_loss not in TOP_K_LOSSES:
             raise ValueError(f"top_k_loss must be one of {TOP_K_LOSSES}, got {top_k_loss!r}")
-        if top_k_loss != "renormalized" and not self.offline:
-            raise ValueError(f"top_k_loss={top_k_loss!r} applies to a cached teacher; this "
-                             "teacher is a model (its full logits are used)")
         if self.offline:
             kind = teacher.logits_kind
             if kind == "sampled" and top_k_loss != "renormalized":

@@ -125,14 +125,10 @@ class CacheCollator:
             fields = stored[0][name]
             targets[name] = {}
             for f in fields:
+                # padded positions: log-prob -inf (nothing, wherever the id points)
                 fill = {"logprobs": float("-inf"), "weights": 0.0}.get(f, 0)
                 targets[name][f] = _place([s[name][f] for s in stored], mask, spec, fill, name,
                                           index)
-            if "indices" in fields:  # padding slots: distinct ids, -inf (nothing) there
-                pad = ~torch.isfinite(targets[name]["logprobs"].float())
-                ids = torch.arange(pad.shape[-1], dtype=torch.int32).expand_as(pad)
-                targets[name]["indices"] = torch.where(pad & (targets[name]["indices"] == 0),
-                                                       ids, targets[name]["indices"])
         return _attach(batch, targets)
 
 
