@@ -121,7 +121,8 @@ def sample_sparse_logits(logprobs: Tensor, rounds: int, *, proposal_temperature:
     r = min(rounds, lp.shape[-1])
     c, idx = counts.topk(r, dim=-1)
     drawn = c > 0
-    weights = c * (lp.gather(-1, idx) - log_q.gather(-1, idx)).exp() / rounds
+    weights = c / rounds if proposal_temperature == 1.0 else \
+        c * (lp.gather(-1, idx) - log_q.gather(-1, idx)).exp() / rounds  # c · p / (N q)
     weights = torch.where(drawn, weights, torch.zeros_like(weights))
     values = torch.where(drawn, lp.gather(-1, idx), torch.full_like(weights, float("-inf")))
     return values, idx, weights
