@@ -1,6 +1,8 @@
 """The two-command workflow (cex cache-teacher, then cex distill --from-cache) from one config
 file, and the config errors of the cache section."""
 import json
+import os
+import shutil
 
 import pytest
 
@@ -38,24 +40,28 @@ def config(tmp_path, **sections):
     return str(path), cfg
 
 
-def test_cache_then_distill_from_the_cache(tmp_path, capsys):
-    path, _ = config(tmp_path)
-    assert cli.main(["cache-teacher", "--config", path, "--dry-run", "--no-progress"]) == 0
+def test_the_example_runs_as_the_readme_says(tmp_path, monkeypatch, capsys):
+    """examples/offline_causal_lm.yaml: dry run (writes nothing), cache, distill --from-cache."""
+    pytest.importorskip("yaml")
+    name = "offline_causal_lm.yaml"
+    shutil.copy(os.path.join(os.path.dirname(__file__), os.pardir, "examples", name), tmp_path)
+    monkeypatch.chdir(tmp_path)  # cache.dir and out_dir are relative: runs/...
+    assert cli.main(["cache-teacher", "--config", name, "--dry-run", "--no-progress"]) == 0
     dry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert dry["dry_run"] and dry["shards_written"] == 0
-    assert not (tmp_path / "cache").exists()  # a dry run writes nothing
-    # per token: 6 ids x (2 B bf16 log-prob + 4 B int32), and an 8-wide bf16 projected state
-    assert dry["bytes_per_token"] == {"logits": 36, "hidden.0": 16}
-    assert dry["total_bytes"] == 52 * dry["tokens"]["logits"]
-    assert cli.main(["cache-teacher", "--config", path, "--no-progress"]) == 0
+    assert dry["dry_run"] and dry["shards_written"] == 0 and not os.path.exists("runs")
+    # per token: 16 ids x (2 B bf16 log-prob + 4 B int32); 64-wide bf16 projected states
+    assert dry["bytes_per_token"] == {"logits": 96, "hidden.0": 128, "hidden.1": 128}
+    assert dry["total_bytes"] == 352 * dry["tokens"]["logits"]
+    assert cli.main(["cache-teacher", "--config", name, "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["shards_written"] == 3
-    cache = TeacherCache(str(tmp_path / "cache"))
-    assert sum(cache.row(r)["logits"]["logprobs"].shape[0] for r in range(12)) == \
+    cache = TeacherCache("runs/offline-causal-lm/cache")
+    assert report["shards_written"] == cache.index["num_shards"] == 2
+    assert sum(cache.row(r)["logits"]["logprobs"].shape[0] for r in range(cache.num_rows)) == \
         dry["tokens"]["logits"]
-    assert cli.main(["distill", "--config", path, "--from-cache"]) == 0
+    assert cli.main(["distill", "--config", name, "--from-cache"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["global_step"] == 3 and result["final"]["kd"] > 0
+    assert result["global_step"] == 10 and result["final"]["kd"] > 0
+    assert os.path.isdir(result["student_dir"])
 
 
 def test_cache_config_errors(tmp_path, capsys):
