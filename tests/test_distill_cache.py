@@ -278,3 +278,32 @@ def test_import_rejects_bad_records(tmp_path):
     with pytest.raises(ValueError, match=r"no record for rows \[1\]"):
         import_logprobs(str(src), str(tmp_path / "out"), num_rows=2, vocab_size=V,
                         overwrite=True)
+
+
+def test_training_from_a_sampled_cache_logs_the_sampled_estimate(tmp_path):
+    """A cache written with sampled_rounds: weights c/N summing to 1 per token; the first
+    logged KL of one-shot training from it equals the float64 estimate over every real
+    token, ``T² Σ_i w_i (log p_i - log s_i) / tokens``."""
+    write("os", tmp_path, sampled_rounds=6, logprob_dtype="float32")
+    cache = C.TeacherCache(str(tmp_path))
+    assert cache.logits_kind == "sampled" and cache.index["k"] == 6
+    data = rows("gpt2")
+    _, student, _ = make_pair("gpt2")
+    s64 = make_pair("gpt2")[1].double()
+    batch = PadCollator(0, causal_lm=True)(data)
+    mask = batch["attention_mask"].bool()
+    with torch.no_grad():
+        log_s = torch.log_softmax(s64(input_ids=batch["input_ids"],
+                                      attention_mask=batch["attention_mask"]).logits / T, -1)
+    total, tokens = 0.0, 0
+    for r in range(len(data)):
+        stored = cache.row(r)["logits"]
+        w = stored["weights"].double()
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[0], dtype=torch.float64))
+        ls = log_s[r][mask[r]].gather(-1, stored["indices"].long())
+        terms = torch.where(w > 0, w * (stored["logprobs"].double() - ls), torch.zeros_like(w))
+        total, tokens = total + terms.sum().item() * T * T, tokens + w.shape[0]
+    m = OneShotDistillation(cache, student, budget=1, temperature=T)
+    assert m.top_k_loss == "sampled"
+    result = Trainer(m, data, TrainConfig(**{**BASE, "batch_size": 16})).fit()
+    assert result.records[0]["kd"] == pytest.approx(total / tokens, rel=1e-5)

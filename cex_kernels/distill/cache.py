@@ -123,6 +123,9 @@ class _Shard:
         self.path, self.storage, self.dtypes = path, storage, dtypes
         self._handle = None
 
+    def __getstate__(self):  # DataLoader workers reopen the file themselves
+        return {**self.__dict__, "_handle": None}
+
     def _open(self):
         if self._handle is None:
             if self.storage == "safetensors":

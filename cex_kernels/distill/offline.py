@@ -189,6 +189,11 @@ class _Runner:
         self.plan = _stream_plan(method)
         self.layer_names = [t for _, t in getattr(method, "layer_map", [])] \
             if any(p["kind"] == "hidden" for p in self.plan.values()) else []
+        # One group per teacher model: the final teacher's streams (logits and hidden
+        # states, one pass), then each progressive checkpoint's logits. A shard runs group
+        # by group, so each checkpoint is loaded once per shard, not once per batch.
+        final = [n for n in self.plan if n == "logits" or self.plan[n]["kind"] == "hidden"]
+        self.groups = ([final] if final else []) + [[n] for n in self.plan if n.startswith("logits@")]
 
     def _logits(self, logits: Tensor, generator) -> Dict[str, Tensor]:
         o = self.opts
@@ -210,11 +215,14 @@ class _Runner:
         return out
 
     @torch.inference_mode()
-    def run(self, batch, generator) -> Dict[str, Dict[str, Tensor]]:
+    def run(self, batch, generator, group=None) -> Dict[str, Dict[str, Tensor]]:
+        """The streams of ``group`` (all when None) for one batch."""
         from cex_kernels.distill.methods import logits_of
         method, out = self.method, {}
+        names = set(group or self.plan)
+        hidden_wanted = any(self.plan[n]["kind"] == "hidden" for n in names)
         for name, p in self.plan.items():
-            if p["kind"] != "logits":
+            if p["kind"] != "logits" or name not in names:
                 continue
             teacher = method.teacher_for(p["phase"])
             with HiddenStateCapture(teacher, self.layer_names if name == "logits" else []) as cap:
@@ -222,12 +230,12 @@ class _Runner:
             out[name] = self._logits(logits, generator)
             if name == "logits":
                 hidden = dict(cap.hidden)
-        if self.layer_names and "logits" not in out:  # no KL phase: hidden states only
+        if hidden_wanted and "logits" not in out:  # no KL phase: hidden states only
             with HiddenStateCapture(method.teacher, self.layer_names) as cap:
                 cap.run(method.forward_fn, method.teacher, batch)
             hidden = dict(cap.hidden)
         for name, p in self.plan.items():
-            if p["kind"] == "hidden":
+            if p["kind"] == "hidden" and name in names:
                 i = p["key"]
                 proj = method.projections[i].projection
                 h = hidden[method.layer_map[i][1]].float()
@@ -304,21 +312,21 @@ def cache_teacher(method, dataset, out_dir: str, *, k: int = 32, batch_size: int
     num_shards = index["num_shards"]
     todo = [s for s in range(rank, num_shards, world)
             if not os.path.exists(os.path.join(out_dir, C.shard_name(s, storage)))]
-    bar = _bar(progress_bar and rank == 0, sum(
+    bar = _bar(progress_bar and rank == 0, len(runner.groups) * sum(
         math.ceil((min((s + 1) * rows_per_shard, n) - s * rows_per_shard) / batch_size)
         for s in todo))
     for s in todo:
         rows = list(range(s * rows_per_shard, min((s + 1) * rows_per_shard, n)))
         per_stream: Dict[str, Dict[str, List[Tensor]]] = {name: {} for name in streams}
         generator = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + s)
-        for batch in _batches(dataset, rows, batch_size, collate):
-            batch = to_device(batch, dev)
-            result = runner.run(batch, generator)
-            for name, fields in result.items():
-                mask = method.row_rules[runner.plan[name]["key"]].mask(batch)
-                for f, t in fields.items():
-                    per_stream[name].setdefault(f, []).extend(_per_row(t, mask))
-            bar.update(1)
+        batches = [to_device(b, dev) for b in _batches(dataset, rows, batch_size, collate)]
+        for group in runner.groups:
+            for batch in batches:
+                for name, fields in runner.run(batch, generator, group).items():
+                    mask = method.row_rules[runner.plan[name]["key"]].mask(batch)
+                    for f, t in fields.items():
+                        per_stream[name].setdefault(f, []).extend(_per_row(t, mask))
+                bar.update(1)
         tensors = {"rows": torch.tensor(rows, dtype=torch.int64)}
         for name, fields in per_stream.items():
             counts = [r.shape[0] for r in next(iter(fields.values()))]
