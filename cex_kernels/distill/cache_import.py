@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from cex_kernels.distill import cache as C
-from cex_kernels.distill.offline import _prepare, _write_index
+from cex_kernels.distill.cache_write import _prepare, _write_index
 
 
 def _position(p, where: str) -> List[Tuple[int, float]]:

@@ -286,7 +286,7 @@ def build_cache_run(cfg: Dict[str, Any], *, overwrite: bool = False, dry_run: bo
                     progress_bar: bool = True) -> Callable[[], Dict[str, Any]]:
     """``cex cache-teacher``: the config's teacher, student, data and method built and
     checked, and the cache options; returns a function that writes the cache."""
-    from cex_kernels.distill.offline import cache_teacher
+    from cex_kernels.distill.cache_write import cache_teacher
     options = cache_options(cfg)
     train = _call("train", TrainConfig, {k: v for k, v in (cfg.get("train") or {}).items()
                                          if k in ("device", "pad_token_id")})
