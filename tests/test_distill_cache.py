@@ -307,3 +307,11 @@ def test_training_from_a_sampled_cache_logs_the_sampled_estimate(tmp_path):
     assert m.top_k_loss == "sampled"
     result = Trainer(m, data, TrainConfig(**{**BASE, "batch_size": 16})).fit()
     assert result.records[0]["kd"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_storage_falls_back_to_numpy_without_safetensors(monkeypatch):
+    assert C.resolve_storage("auto") == ("safetensors" if C.safetensors_available() else "numpy")
+    monkeypatch.setattr(C, "safetensors_available", lambda: False)
+    assert C.resolve_storage("auto") == "numpy"
+    with pytest.raises(ValueError, match="needs the safetensors package"):
+        C.resolve_storage("safetensors")
