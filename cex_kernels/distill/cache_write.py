@@ -45,15 +45,9 @@ class CacheEstimate:
 
 def _stream_plan(method) -> Dict[str, Dict[str, Any]]:
     """The streams a method's phases read: name -> {kind, rule key, phase}."""
-    plan = {}
-    for phase in method.phases:
-        if phase.kind == LOGIT_KL:
-            k = getattr(phase, "teacher_index", None)
-            plan["logits" if k is None else f"logits@{k}"] = {"kind": "logits", "key": "logits",
-                                                              "phase": phase}
-        else:
-            plan[f"hidden.{phase.pair}"] = {"kind": "hidden", "key": phase.pair, "phase": phase}
-    return plan
+    return {method.cache_stream(phase):
+            {"kind": "logits", "key": "logits", "phase": phase} if phase.kind == LOGIT_KL else
+            {"kind": "hidden", "key": phase.pair, "phase": phase} for phase in method.phases}
 
 
 def _per_row(t: Tensor, mask: Optional[Tensor]) -> List[Tensor]:
