@@ -321,10 +321,10 @@ def test_import_keeps_the_k_most_probable_ids_and_pads_the_rest(tmp_path):
     src = tmp_path / "lp.jsonl"
     src.write_text(json.dumps({"row": 0, "top_logprobs": [
         {"5": -3.0, "7": -0.5, "9": -1.0},                 # 3 ids, k = 2: keep 7 and 9
-        [[4, -0.1]]]}) + "\n")                             # 1 id: one -inf padding slot
+        [[4, -0.25]]]}) + "\n")                            # 1 id: one -inf padding slot
     cache = import_logprobs(str(src), str(tmp_path / "c"), num_rows=1, vocab_size=V, k=2,
                             logprob_dtype="float32", storage="numpy")
     got = cache.row(0)["logits"]
     assert got["indices"].tolist() == [[7, 9], [4, 0]]
-    assert got["logprobs"].tolist() == [[-0.5, -1.0], [-0.1, float("-inf")]]
+    assert got["logprobs"].tolist() == [[-0.5, -1.0], [-0.25, float("-inf")]]
     assert cache.temperature == 1.0 and cache.index["teacher"]["name_or_path"] == "imported"
