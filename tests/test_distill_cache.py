@@ -267,6 +267,7 @@ def test_import_rejects_bad_records(tmp_path):
              ({"row": 0, "top_logprobs": [[[1, -0.1], [1, -0.2]]]}, "appears twice"),
              ({"row": 0, "top_logprobs": [[[1, 0.5]]]}, "is not <= 0"),
              ({"row": 3, "top_logprobs": [[[1, -0.1]]]}, "outside the dataset"),
+             ({"row": 0, "top_logprobs": [[[1, -0.1]], {}]}, "position 1: no entries"),
              ({"top_logprobs": []}, "integer 'row'"),
              ({"row": 0, "ids": [[1]]}, "needs 'top_logprobs', or 'ids' and 'logprobs'")]
     for rec, match in cases:

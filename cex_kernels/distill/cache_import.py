@@ -124,6 +124,9 @@ def import_logprobs(source: str, out_dir: str, *, num_rows: int, vocab_size: int
         lp = torch.full((len(positions), k), float("-inf"))
         ids = torch.zeros((len(positions), k), dtype=torch.int32)  # padding: -inf at id 0
         for t, entries in enumerate(positions):
+            if not entries:
+                raise ValueError(f"{where} position {t}: no entries (each real token needs at "
+                                 "least one id with its log-probability)")
             entries = sorted(entries, key=lambda e: -e[1])[:k]
             seen = set()
             for j, (tid, value) in enumerate(entries):
