@@ -77,3 +77,48 @@ def test_two_ranks_write_the_single_process_cache(tmp_path):
     fit(offline)
     for (n, x), y in zip(s_online.named_parameters(), s_offline.parameters()):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=n)
+
+
+def write_and_die(path):
+    """Write ``path`` until the third shard, then SIGKILL this process mid-write."""
+    import signal
+
+    from cex_kernels.distill import cache as C
+    torch.set_num_threads(1)  # as the test process: the same float summation order
+    real, done = C.write_shard, []
+
+    def dying(directory, s, storage, tensors):
+        if len(done) == 2:
+            with open(f"{directory}/{C.shard_name(s, storage)}.tmp", "wb") as f:
+                f.write(b"half a shard")
+            os.kill(os.getpid(), signal.SIGKILL)
+        done.append(s)
+        return real(directory, s, storage, tensors)
+    C.write_shard = dying
+    write(path)
+
+
+def test_a_killed_cache_run_resumes_without_duplicates_or_gaps(tmp_path):
+    import subprocess
+    import sys
+    from cex_kernels.distill.cache import CacheError
+    path = str(tmp_path / "killed")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_distill_cache_ddp as t; " \
+           f"t.write_and_die({path!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(here),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert sorted(os.listdir(path)) == ["cex_cache.json", "shard-00000.safetensors",
+                                        "shard-00001.safetensors", "shard-00002.safetensors.tmp"]
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache(path)
+    assert write(path)["written"] == [2, 3, 4, 5]
+    full = str(tmp_path / "full")
+    write(full)
+    assert sorted(os.listdir(path)) == sorted(os.listdir(full))
+    a, b = TeacherCache(path), TeacherCache(full)
+    for r in range(a.num_rows):
+        for stream, fields in a.row(r).items():
+            for f, t in fields.items():
+                assert torch.equal(t, b.row(r)[stream][f]), (r, stream, f)
