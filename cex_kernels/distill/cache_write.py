@@ -172,9 +172,11 @@ def cache_teacher(method, dataset, out_dir: str, *, k: int = 32, batch_size: int
         if p["kind"] == "hidden":
             streams[name]["width"] = first[name]["values"].shape[-1]
     del first
+    vocab = getattr(runner, "vocab", None)
+    # ids stored per token: k, or one per distinct draw; never more than V
+    opts["slots"] = min(sampled_rounds or k, vocab or sampled_rounds or k)
 
-    index = _index(method, n, rows_per_shard, storage, streams, opts, seed, tokenizer,
-                   getattr(runner, "vocab", None))
+    index = _index(method, n, rows_per_shard, storage, streams, opts, seed, tokenizer, vocab)
     estimate = _estimate(method, dataset, collate, batch_size, runner.plan, streams, opts)
     if rank == 0:
         print(estimate, flush=True)
@@ -263,7 +265,7 @@ def _index(method, n, rows_per_shard, storage, streams, opts, seed, tokenizer,
         "teacher_modules": [name for name, _ in teacher.named_modules() if name],
         "vocab_size": vocab,
         "tokenizer": tokenizer,
-        "k": sampled or opts["k"], "temperature": method.temperature,
+        "k": opts["slots"], "temperature": method.temperature,
         "logits": ({"kind": "sampled", "rounds": sampled,
                     "proposal_temperature": opts["proposal_temperature"], "seed": seed}
                    if sampled else {"kind": "top_k"}),
@@ -286,8 +288,7 @@ def _estimate(method, dataset, collate, batch_size, plan, streams, opts) -> Cach
         if spec["kind"] == "hidden":
             size[name] = spec["width"] * C.DTYPES[opts["hidden_dtype"]].itemsize
         else:
-            k = opts["sampled_rounds"] or opts["k"]
-            size[name] = k * (C.DTYPES[opts["logprob_dtype"]].itemsize + 4
+            size[name] = opts["slots"] * (C.DTYPES[opts["logprob_dtype"]].itemsize + 4
                               + (4 if opts["sampled_rounds"] else 0))
     return CacheEstimate(n, tokens, size)
 
