@@ -340,6 +340,8 @@ class Trainer:
         self.data = make_batches(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                  world=world, collate_fn=self.collate_fn,
                                  num_workers=cfg.num_workers)
+        if method.offline:  # setup checks every phase's cached targets
+            self.collate_fn.streams = list(method.teacher.streams)
         student.eval()  # setup's probe pass: no dropout, no BatchNorm statistics update
         sample = to_device(self.data.peek(), device)
         phases = method.setup(sample)
@@ -401,6 +403,9 @@ class Trainer:
         for pi in range(start_phase, len(phases)):
             phase, step = phases[pi], (start_step if pi == start_phase else 0)
             params = method.set_phase_trainable(phase)
+            if method.offline and not cfg.num_workers:  # read only this phase's targets
+                # (DataLoader workers hold their own copy of the collator: they read all)
+                self.collate_fn.streams = [method.cache_stream(phase)]
             opt = self.optimizer_factory(params)
             sched = self.scheduler_factory(opt, phase.steps) if self.scheduler_factory else None
             if ckpt is not None and pi == ckpt["phase_index"] and (
