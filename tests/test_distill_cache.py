@@ -329,3 +329,15 @@ def test_import_keeps_the_k_most_probable_ids_and_pads_the_rest(tmp_path):
     assert got["indices"].tolist() == [[7, 9], [4, 0]]
     assert got["logprobs"].tolist() == [[-0.5, -1.0], [-0.25, float("-inf")]]
     assert cache.temperature == 1.0 and cache.index["teacher"]["name_or_path"] == "imported"
+
+
+def test_hf_distillation_trainer_refuses_a_cache_teacher(caches, tmp_path):
+    """transformers.Trainer does not carry the cache's row indices: a clear error, not a
+    crash inside the collator."""
+    pytest.importorskip("accelerate")
+    from cex_kernels.integrations.hf import DistillationTrainer
+    _, student, layer_map = make_pair("gpt2")
+    m = method("os", C.TeacherCache(str(caches / "os")), student, layer_map)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="from-cache"):
+        DistillationTrainer(m, args=args, train_dataset=rows("gpt2"))
