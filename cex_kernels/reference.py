@@ -1,7 +1,9 @@
-"""Eager PyTorch implementations: the ground truth for tests and the ``reference`` backend.
+"""The ``reference`` backend: eager PyTorch formulas for every op, written for clarity.
 
-Plain PyTorch, written for clarity; in float64 they are the reference every kernel is
-tested against, and with autograd they give the reference gradients.
+They run as the ``reference`` backend's kernels (adapter: ``_backends/reference.py``), and
+the fused ops call the loss-level ones where a closed-form gradient cannot serve (double
+backward, ``torch.func``). They are *not* the tests' ground truth: the tests check every
+backend, this one included, against the float64 math in ``tests/oracle.py``.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from cex_kernels.ops._divergence import direction_beta
 
 
 def projected_mse(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
@@ -52,7 +56,7 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
     TRL GKD's ``generalized_jsd_loss`` convention: beta=0 → KL(p_t || p_s), beta=1 →
     KL(p_s || p_t), otherwise beta·KL(p_t || m) + (1-beta)·KL(p_s || m) with
     m = beta·p_t + (1-beta)·p_s; ``symmetric``: (1-beta)·KL(p_t || p_s) + beta·KL(p_s || p_t)
-    (math in ``ops/_divergence.py``). Differentiable (the tests' reference gradients).
+    (math in ``ops/_divergence.py``). Differentiable (the ops' double backward).
     """
     ls = F.log_softmax(student / temperature, dim=-1)
     lt = F.log_softmax(teacher / temperature, dim=-1)
@@ -93,14 +97,6 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / keep.sum().clamp(min=1)
-
-
-def direction_beta(direction: str, forward_weight=None):
-    """``(beta, symmetric)`` for a ``softmax_kl`` direction: forward (0, False), reverse
-    (1, False), symmetric (1 - forward_weight, True), forward_weight defaulting to 0.5."""
-    if direction == "symmetric":
-        return 1.0 - (0.5 if forward_weight is None else float(forward_weight)), True
-    return (0.0 if direction == "forward" else 1.0), False
 
 
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,

@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from cex_kernels import _backends, _checks, reference
+from cex_kernels import _backends, _checks
 from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped,
                                         under_functorch_differentiation)
 
@@ -125,7 +125,16 @@ def check_direction(op: str, direction, forward_weight) -> Tuple[float, bool]:
                              f"direction={direction!r}")
         forward_weight = _checks.check_real(op, "forward_weight", forward_weight, low=0.0,
                                             high=1.0)
-    return reference.direction_beta(direction, forward_weight)
+    return direction_beta(direction, forward_weight)
+
+
+def direction_beta(direction: str, forward_weight=None) -> Tuple[float, bool]:
+    """``(beta, symmetric)`` for a checked ``softmax_kl`` direction: forward (0, False),
+    reverse (1, False), symmetric (1 - forward_weight, True), forward_weight defaulting to
+    0.5."""
+    if direction == "symmetric":
+        return 1.0 - (0.5 if forward_weight is None else float(forward_weight)), True
+    return (0.0 if direction == "forward" else 1.0), False
 
 
 def check_vocab_size(op: str, vocab_size) -> Optional[int]:
