@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -50,12 +51,23 @@ import triton.language as tl
 
 from cex_kernels.triton._common import AUTOTUNE, aot_spec, on_device
 
-# (BLOCK_V, num_warps): 4..16 elements per thread per live tensor, so the JSD pass (seven
-# live chunk tensors; the symmetric pass has fewer) stays in registers. Autotuned on V.
-CONFIGS = [(1024, 4), (2048, 8), (4096, 16)]
+class RowConfig(NamedTuple):
+    """One launch configuration of :func:`softmax_kl_fwd_kernel`: each program streams its
+    row in chunks of ``block_v`` entries, with ``num_warps`` warps."""
+    block_v: int
+    num_warps: int
+
+    def triton_config(self) -> "triton.Config":
+        return triton.Config({"BLOCK_V": self.block_v}, num_warps=self.num_warps)
+
+
+# 4..16 elements per thread per live tensor, so the JSD pass (seven live chunk tensors; the
+# symmetric pass has fewer) stays in registers. Autotuned on V.
+CONFIGS = [RowConfig(block_v=1024, num_warps=4), RowConfig(block_v=2048, num_warps=8),
+           RowConfig(block_v=4096, num_warps=16)]
 # Under the interpreter (CPU tests) a small chunk, so short rows still loop; long rows
 # (V > 4096) take big chunks to keep the interpreted loop short.
-INTERPRETER_CONFIG = (64, 1)
+INTERPRETER_CONFIG = RowConfig(block_v=64, num_warps=1)
 INTERPRETER_LONG_ROW_BLOCK_V = 2048
 
 
@@ -202,7 +214,7 @@ def softmax_kl_fwd_kernel(
 
 
 softmax_kl_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in CONFIGS],
+    configs=[c.triton_config() for c in CONFIGS],
     key=["V", "IS_JSD", "IS_SYM", "WRITE_GS", "WRITE_GT"],
 )(softmax_kl_fwd_kernel)
 
@@ -214,10 +226,10 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     ``symmetric`` selects the symmetric KL over the generalized JSD.
 
     By default a GPU autotunes over CONFIGS (or takes the first with CEX_TRITON_AUTOTUNE=0)
-    and the interpreter runs INTERPRETER_CONFIG; ``config`` (a ``(BLOCK_V, num_warps)``
-    tuple) forces one on any device, as the tests do to check every GPU config;
-    ``autotune=True`` forces the autotuner (the tests give it a stand-in timer under the
-    interpreter).
+    and the interpreter runs INTERPRETER_CONFIG; ``config`` (a :class:`RowConfig`, or a
+    ``(block_v, num_warps)`` tuple) forces one on any device, as the tests do to check every
+    GPU config; ``autotune=True`` forces the autotuner (the tests give it a stand-in timer
+    under the interpreter).
 
     Returns ``(row_loss float32 (N,), grad_student, grad_teacher)``, the gradients
     contiguous in the logits' dtype or empty.
@@ -245,14 +257,16 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
         autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
     if config is None and not autotune:
         if device.type == "cpu":
-            block_v, warps = INTERPRETER_CONFIG
-            config = (INTERPRETER_LONG_ROW_BLOCK_V if V > 4096 else block_v, warps)
+            config = INTERPRETER_CONFIG
+            if V > 4096:
+                config = config._replace(block_v=INTERPRETER_LONG_ROW_BLOCK_V)
         else:
             config = CONFIGS[0]
     with on_device(device):
         if config is not None:
-            block_v, warps = config
-            softmax_kl_fwd_kernel[(n_rows,)](*args, **flags, BLOCK_V=block_v, num_warps=warps)
+            config = RowConfig(*config)
+            softmax_kl_fwd_kernel[(n_rows,)](*args, **flags, BLOCK_V=config.block_v,
+                                             num_warps=config.num_warps)
         else:
             softmax_kl_fwd_tuned[(n_rows,)](*args, **flags)
     return row_loss, gs, gt
@@ -269,7 +283,7 @@ MODES = {"kl": dict(IS_JSD=False, IS_SYM=False), "jsd": dict(IS_JSD=True, IS_SYM
          "sym": dict(IS_JSD=False, IS_SYM=True)}
 
 
-def _aot_spec(dtype, mode, config, aligned):
+def _aot_spec(dtype, mode, config: RowConfig, aligned):
     block_v, warps = config
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
              "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32", "beta": "fp32",
