@@ -53,10 +53,9 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
                          beta: float, symmetric: bool = False) -> torch.Tensor:
     """Per-row divergence (shape ``(...)``) between softmax(student/T) and softmax(teacher/T).
 
-    TRL GKD's ``generalized_jsd_loss`` convention: beta=0 → KL(p_t || p_s), beta=1 →
-    KL(p_s || p_t), otherwise beta·KL(p_t || m) + (1-beta)·KL(p_s || m) with
-    m = beta·p_t + (1-beta)·p_s; ``symmetric``: (1-beta)·KL(p_t || p_s) + beta·KL(p_s || p_t)
-    (math in ``ops/_divergence.py``). Differentiable (the ops' double backward).
+    ``beta`` and ``symmetric`` pick the divergence as in the math of ``ops/_divergence.py``
+    (beta = 0 forward KL, beta = 1 reverse KL, else the generalized JSD or, ``symmetric``,
+    the symmetric KL with forward weight 1 - beta). Differentiable (the ops' double backward).
     """
     ls = F.log_softmax(student / temperature, dim=-1)
     lt = F.log_softmax(teacher / temperature, dim=-1)
@@ -101,8 +100,7 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
 
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
                direction: str = "forward", forward_weight=None, **kwargs) -> torch.Tensor:
-    """Eager ``cex_kernels.softmax_kl``: forward = KL(p_t || p_s), reverse = KL(p_s || p_t),
-    symmetric = r·KL(p_t || p_s) + (1-r)·KL(p_s || p_t) with r = ``forward_weight``."""
+    """Eager ``cex_kernels.softmax_kl`` (``direction`` and ``forward_weight`` as there)."""
     beta, symmetric = direction_beta(direction, forward_weight)
     return jsd(student, teacher, beta=beta, symmetric=symmetric, temperature=temperature,
                **kwargs)

@@ -1,18 +1,8 @@
 """Fused softmax KL / generalized JSD / symmetric KL in Triton: one program per row, gradients in the forward.
 
-For a row of student logits s and teacher logits t (length V), z = s / T, z' = t / T,
-ls = log_softmax(z), lt = log_softmax(z'), p = exp(ls), q = exp(lt), 0 log 0 = 0:
-
-    beta == 0 (KL(q || p)):  L = sum q (lt - ls)
-                             dL/dz = p - q,   dL/dz' = q (lt - ls - L)
-    0 < beta < 1 (JSD):      lm = log(beta q + (1-beta) p)   (a logaddexp, never -inf early)
-                             Kt = sum q (lt - lm),  Ks = sum p (ls - lm)
-                             L = beta Kt + (1-beta) Ks
-                             dL/dz = (1-beta) p (ls - lm - Ks),  dL/dz' = beta q (lt - lm - Kt)
-    symmetric, 0 < beta < 1: F = sum q (lt - ls),  R = sum p (ls - lt),  a = 1 - beta
-                             L = a F + beta R
-                             dL/dz = a (p - q) + beta p (ls - lt - R)
-                             dL/dz' = a q (lt - ls - F) + beta (q - p)
+The loss and gradients per row (KL, generalized JSD, symmetric KL) and the kernel contract
+are stated once in ``cex_kernels/ops/_divergence.py``; names here follow it (z = s / T,
+z' = t / T, ls, lt, p, q, lm, Kt, Ks, F, R).
 
 Reverse KL is beta == 0 with the inputs swapped (done by the caller). The row weight w
 (mask x T² x batchmean divisor) multiplies the loss, and w / T the gradients; rows with
@@ -36,8 +26,8 @@ bf16 (512 KiB per row pair) mostly hits L2 when a few rows per SM are in flight.
 FLOPs per element: ~2 exp (pass 1) + 2 exp and ~8 ops (pass 2), + a log1p/exp pair per
 pass for JSD (symmetric: one more exp in pass 2). Minimal bytes: read both logits once (2 N V itemsize), write each requested
 gradient once (N V itemsize) and 4 N bytes of row losses; the kernel is bandwidth-bound.
-Tuned (configs chosen to compile spill-free on sm_80/sm_90; not yet timed on a GPU) for
-N = 4096..16384 rows, V = 32k..152k (Llama 3, Qwen 2) in bf16.
+Configs are chosen to compile spill-free on sm_80/sm_90 for N = 4096..16384 rows,
+V = 32k..152k (Llama 3, Qwen 2) in bf16.
 """
 from __future__ import annotations
 
