@@ -95,17 +95,26 @@ class OpSpec:
         return reason
 
 
-# What a report calls an implementation: our backends by what they are, the rest as named.
-IMPL_LABELS = {"cpu": "cex C++", "cuda": "cex CUDA", "triton": "cex Triton",
-               "ours": "cex (auto backend)"}
+def our_backends(kernel: str) -> Tuple[str, ...]:
+    """The backends that implement kernel slot ``kernel`` (from the registry): the
+    implementations of ours a grid compares."""
+    from cex_kernels import _backends
+    return _backends.implementing(kernel)
 
 
 def impl_label(impl: str) -> str:
-    """``"cpu"`` -> ``"cex C++"``, ``"cpu/64MiB"`` -> ``"cex C++ (64MiB)"``; others unchanged."""
+    """What a report calls an implementation: our backends by their registry label
+    (``"cpu"`` -> ``"cex C++"``, ``"cpu/64MiB"`` -> ``"cex C++ (64MiB)"``), ``"ours"`` (the
+    auto backend) as such; others unchanged."""
+    from cex_kernels import _backends
     base, _, option = impl.partition("/")
-    if base not in IMPL_LABELS:
+    if base == "ours":
+        label = "cex (auto backend)"
+    else:
+        label = _backends.get(base).label if base in _backends.names() else ""
+    if not label:
         return impl
-    return IMPL_LABELS[base] + (f" ({option})" if option else "")
+    return label + (f" ({option})" if option else "")
 
 
 def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from cex_kernels.benchmarking.spec import (Case, OpSpec, compiled, generator, impl_skip_reason,
-                                           itemsize, randn)
+                                           itemsize, our_backends, randn)
 from cex_kernels.benchmarking.grids.softmax_kl import TEMPERATURE, eager_softmax_kl
 from cex_kernels.benchmarking.measure import MiB
 
@@ -130,8 +130,8 @@ LINEAR_KL = OpSpec(
     shapes={"cpu": [dict(N=2048, H=256, V=32000), dict(N=1024, H=512, V=50257)],
             "cuda": [dict(N=8192, H=4096, V=131072), dict(N=4096, H=2048, V=32000)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16,)},
-    impls=("cpu", "cpu/64MiB", "triton", "triton/64MiB", "triton/tiled", "cuda", "reference",
-           "eager", "torch.compile", "liger"),
+    impls=(*our_backends("softmax_kl"), "cpu/64MiB", "triton/64MiB", "triton/tiled", "eager",
+           "torch.compile", "liger"),
     variants={"cpu": ("teacher_logits",), "cuda": ("teacher_logits", "teacher_hidden")},
     skip_reason=impl_skip_reason, case_skip_reason=_linear_kl_case_skip,
     make_inputs=_linear_kl_inputs, make_step=_linear_kl_step, flops=_linear_kl_flops,

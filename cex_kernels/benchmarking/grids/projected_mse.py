@@ -6,7 +6,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from cex_kernels.benchmarking.spec import Case, OpSpec, compiled, impl_skip_reason, itemsize
+from cex_kernels.benchmarking.spec import (Case, OpSpec, compiled, impl_skip_reason, itemsize,
+                                           our_backends)
 
 
 def eager_projected_mse(student, teacher, projection):
@@ -69,7 +70,7 @@ PROJECTED_MSE = OpSpec(
             "cuda": [dict(N=16384, d_t=4096, d_s=1024), dict(N=8192, d_t=1024, d_s=256),
                      dict(N=65536, d_t=2048, d_s=512)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
-    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile"),
+    impls=(*our_backends("projected_mse"), "eager", "torch.compile"),
     skip_reason=impl_skip_reason, make_inputs=_inputs, make_step=_step, flops=_flops,
     min_bytes=_min_bytes,
     notes="FLOPs: one product pass, 2 N d_t d_s, in both modes (the elementwise work is not "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from cex_kernels.benchmarking.spec import (Case, OpSpec, compiled, generator, impl_skip_reason,
-                                           itemsize, randn)
+                                           itemsize, our_backends, randn)
 
 TEMPERATURE = 1.0
 
@@ -117,7 +117,7 @@ SOFTMAX_KL = OpSpec(
     shapes={"cpu": [dict(N=4096, V=32000), dict(N=1024, V=50257), dict(N=2048, V=128256)],
             "cuda": [dict(N=8192, V=131072), dict(N=16384, V=32000), dict(N=4096, V=256000)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
-    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    impls=(*our_backends("softmax_kl"), "eager", "torch.compile", "liger"),
     # The JSD is timed on the GPU grid (the CPU grid keeps to forward KL: its reference
     # rows alone take minutes); `cex bench --op softmax_kl` on a CUDA machine runs both.
     variants={"cpu": ("kl",), "cuda": ("kl", "jsd")},
