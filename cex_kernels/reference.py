@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cex_kernels.ops._divergence import direction_beta
+from cex_kernels.ops._divergence import direction_beta, kept_rows
 
 
 def projected_mse(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
@@ -72,12 +72,7 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
 
 
 def _kept_rows(shape, device, mask, labels, ignore_index) -> torch.Tensor:
-    keep = torch.ones(shape, dtype=torch.bool, device=device)
-    if mask is not None:
-        keep = keep & mask
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
-    return keep
+    return kept_rows(shape, device, mask, labels, ignore_index).reshape(shape)
 
 
 def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,

@@ -59,12 +59,9 @@ def _reduce(rows, keep, reduction):
 
 
 def _kept(shape, device, mask, labels, ignore_index):
-    keep = torch.ones(shape, dtype=torch.bool, device=device)
-    if mask is not None:
-        keep = keep & mask
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
-    return keep
+    """Rows that count: mask True (or no mask) and label not ``ignore_index``."""
+    mask_ok = torch.ones(shape, dtype=torch.bool, device=device) if mask is None else mask.bool()
+    return mask_ok if labels is None else mask_ok & (labels != ignore_index)
 
 
 def jsd(student, teacher, *, beta=0.5, temperature=1.0, reduction="batchmean", mask=None,
