@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "projected_mse.h"  // cex::cuda::DType, shared by every CUDA kernel
+#include "common.cuh"  // cex::cuda::DType
 
 namespace cex {
 namespace cuda {
