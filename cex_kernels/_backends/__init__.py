@@ -3,15 +3,11 @@
 A *backend* is a set of kernels with one calling convention per kernel slot. Each is one
 :class:`Backend` record in :data:`REGISTRY` (in ``backend="auto"`` preference order):
 
-========== ============================ ================== ===============================
-name       adapter module               devices            dtypes
-========== ============================ ================== ===============================
-triton     ``_backends/triton.py``      cuda (cpu under    float32, float16, bfloat16
-                                        TRITON_INTERPRET=1)
-cuda       ``_backends/cuda.py``        cuda               float32, float16, bfloat16
-cpu        ``_backends/cpu.py``         cpu                float32, float16, bfloat16, 64
-reference  ``_backends/reference.py``   any                float32, float16, bfloat16, 64
-========== ============================ ================== ===============================
+* ``triton`` (``_backends/triton.py``): CUDA tensors, CPU tensors under the Triton
+  interpreter; fp32, fp16, bf16.
+* ``cuda`` (``_backends/cuda.py``): CUDA tensors; fp32, fp16, bf16.
+* ``cpu`` (``_backends/cpu.py``): CPU tensors; fp32, fp16, bf16, fp64.
+* ``reference`` (``_backends/reference.py``): any device; fp32, fp16, bf16, fp64.
 
 Kernel slots (each with one contract, written next to the op that calls it):
 
