@@ -45,9 +45,9 @@ Every backend implements one row kernel with the contract::
 
 with ``beta`` in [0, 1) (``symmetric`` picks the symmetric KL over the JSD for
 ``beta > 0``; decided on beta in the accumulation dtype, so a weight that rounds to 0 never
-multiplies an infinite R). ``row_loss[r] = w[r]·L_r`` and each gradient is
-``w[r]/T · dL_r/dz`` (``dL_r/dz'`` for the teacher) (0 for rows with ``w[r] == 0``: those rows are never read). ``w``
-carries the row mask, T² and, except in fp16, the reduction's divisor (see ``_autograd``
+multiplies an infinite R). ``row_loss[r] = w[r]·L_r`` and the gradients are
+``w[r]/T · dL_r/dz`` and ``w[r]/T · dL_r/dz'`` (0 for rows with ``w[r] == 0``: those rows are
+never read). ``w`` carries the row mask, T² and, except in fp16, the reduction's divisor (see ``_autograd``
 for why fp16 differs). All backends take the log-softmax around the raw row max,
 ``(x - max x)/T``, and a kept row whose loss is NaN gets NaN in every entry of each
 requested gradient (an inf loss is legal and left as it is).
