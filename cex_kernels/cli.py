@@ -36,7 +36,8 @@ def _op_path(path: Optional[str], op: str, several: bool) -> Optional[str]:
 def _bench(args) -> int:
     import torch
 
-    from cex_kernels import bench_plot, bench_specs
+    from cex_kernels.benchmarking import plot as bench_plot
+    from cex_kernels.benchmarking import report as bench_specs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("cex bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -89,16 +90,11 @@ def _backends(args) -> int:
         print(json.dumps(available))
         return 0
     gpu = torch.cuda.is_available()
-    notes = {
-        "triton": ("runs on this GPU" if gpu else
-                   "needs a GPU; on CPU tensors only in the Triton interpreter "
-                   "(TRITON_INTERPRET=1, slow: for tests)"),
-        "cuda": "runs on this GPU" if gpu else "needs a GPU",
-        "cpu": "C++ kernels for CPU tensors",
-        "reference": "eager PyTorch, any device",
-    }
     for name, ok in available.items():
-        note = notes[name] if ok else registry._unavailable_reason(name)
+        entry = registry.get(name)
+        note = entry.note if ok else registry.unavailable_reason(name)
+        if ok and not gpu and not entry.accepts("cpu", entry.auto_devices):
+            note += "; no GPU here"
         print(f"{name:<10} {'yes' if ok else 'no':<4} {note}")
     return 0
 
@@ -183,7 +179,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cex_kernels.bench_specs import OPS
+    from cex_kernels.benchmarking.grids import OPS
 
     parser = argparse.ArgumentParser(
         prog="cex", description="cex-kernels: fused kernels for knowledge distillation.")
@@ -299,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from cex_kernels import _backends
         if not _backends.backends()["triton"]:
             print(f"cex aot: the Triton kernels cannot be compiled here: "
-                  f"{_backends._unavailable_reason('triton')}", file=sys.stderr)
+                  f"{_backends.unavailable_reason('triton')}", file=sys.stderr)
             return 2
         from cex_kernels.triton import aot
         prog, sys.argv[0] = sys.argv[0], "cex aot"  # aot's argparse names itself from argv[0]

@@ -36,6 +36,7 @@ from cex_kernels.distill.cache import CacheError, TeacherCache
 from cex_kernels.distill.layer_map import LayerMapSpec, resolve_layer_map
 from cex_kernels.distill.offline import split_cached, squared_error_sum, strip_cached
 from cex_kernels.distill.schedule import (HIDDEN_MSE, LOGIT_KL, BudgetLike, Phase, as_budget)
+from cex_kernels.projection import random_projection
 
 PROJECTION_KINDS = ("gaussian", "rademacher", "orthogonal", "identity")
 
@@ -87,7 +88,6 @@ class FixedProjection(nn.Module):
     def _build(self) -> Tensor:
         if self.kind == "identity":
             return torch.eye(self.d_teacher)
-        from cex_kernels import random_projection
         return random_projection(self.d_teacher, self.d_student, seed=self.seed, kind=self.kind)
 
     def get_extra_state(self):
