@@ -69,7 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"curriculum extraction's projected-MSE share (default {dflt.hidden_fraction})")
     p.add_argument("--temperature", type=float, help=f"KL temperature (default {dflt.temperature})")
     p.add_argument("--eval-every", type=int, help=f"steps between evaluations (default {dflt.eval_every})")
-    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: all four")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"teacher steps between saved checkpoints (default {dflt.checkpoint_every})")
+    p.add_argument("--progressive-multiplier", type=float,
+                   help="progressive: teacher steps per student step (default: set by "
+                        "--progressive-until)")
+    p.add_argument("--progressive-until", type=float,
+                   help="progressive: share of the budget after which the student has walked "
+                        f"the teacher's whole run (default {dflt.progressive_until})")
+    p.add_argument("--n-checkpoints", type=int,
+                   help=f"progressive_thresholds' checkpoints (default {dflt.n_checkpoints})")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="students to train (default: all)")
     add_run_arguments(p, "sparse_parity")
     p.add_argument("--seeds", type=int, nargs="+", help="several seeds (overrides --seed)")
     return p

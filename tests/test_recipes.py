@@ -46,15 +46,16 @@ def check_curve(curve, metric):
 
 def test_sparse_parity_recipe(tmp_path):
     import sparse_parity
+    from cex_kernels.experiments.sparse_parity import METHODS
     js, png = str(tmp_path / "sp.json"), str(tmp_path / "sp.png")
     result = sparse_parity.main(["--d", "10", "--k", "2", "--teacher-width", "64",
                                  "--student-width", "16", "--samples", "2048",
-                                 "--teacher-samples", "12800", "--batch-size", "64",
+                                 "--teacher-samples", "25600", "--batch-size", "64",
                                  "--eval-every", "8", "--device", "cpu", "--quiet",
                                  "--json", js, "--plot", png])
     data = check_outputs(result, js, png)
     run = data["runs"][0]
-    assert set(run["students"]) == {"labels", "one_shot", "progressive", "curriculum_extraction"}
+    assert set(run["students"]) == set(METHODS)
     assert {"d", "k", "teacher_width", "student_width", "samples", "seed"} <= set(run["config"])
     assert 0.0 <= run["teacher"]["test_acc"] <= 1.0
     for name, s in run["students"].items():
@@ -63,7 +64,37 @@ def test_sparse_parity_recipe(tmp_path):
         assert s["samples"] >= 2048 and s["flops"] > 0  # every method gets the same budget
     ce = run["students"]["curriculum_extraction"]
     assert [p["name"].split(":")[0] for p in ce["phases"]] == ["layer 1", "logits"]
-    assert len(data["table"]) == 4 and "environment" in data
+    assert len(data["table"]) == len(METHODS) and "environment" in data
+    # progressive follows the teacher's timeline: student step t uses the first checkpoint
+    # saved at or after teacher step t x multiplier (oracle: the rule, step by step)
+    teacher, plan = run["teacher"], run["progressive"]
+    saved = [s for s in teacher["saved_checkpoint_steps"] if s < teacher["steps"]]
+    assert saved == list(range(50, teacher["steps"], 50)) and saved
+    assert plan["multiplier"] == pytest.approx(teacher["steps"] / (0.5 * plan["student_steps"]))
+    for name, ckpts in (("progressive", saved), ("progressive_2shot", [plan["two_shot_step"]])):
+        want = []
+        for t in range(1, plan["student_steps"] + 1):
+            c = next((c for c in ckpts if c >= t * plan["multiplier"]), None)
+            want.append("final teacher" if c is None else f"teacher step {c}")
+        got = [p["name"].split(":")[0] for p in run["students"][name]["phases"]
+               for _ in range(p["steps"])]
+        assert got == want, name
+    accs = {h["step"]: h["test_acc"] for h in teacher["history"]}
+    half = 0.5 + (teacher["test_acc"] - 0.5) / 2
+    first = next((s for s in saved if accs[s] >= half), saved[-1])
+    assert plan["two_shot_step"] == first
+    phases = [p["name"] for p in run["students"]["progressive_thresholds"]["phases"]]
+    assert len(phases) == 5 and phases[-1] == "final teacher: softmax-KL"
+
+
+def test_parity_config_rejects_bad_progressive_settings():
+    from cex_kernels.experiments.sparse_parity import ParityConfig
+    for kwargs, message in [(dict(checkpoint_every=70), "multiple of 50"),
+                            (dict(progressive_until=0.0), "progressive_until"),
+                            (dict(progressive_multiplier=-1.0), "progressive_multiplier"),
+                            (dict(methods=["progresive"]), "unknown method")]:
+        with pytest.raises(ValueError, match=message):
+            ParityConfig(**kwargs)
 
 
 def test_sparse_parity_paper_flag_builds_the_papers_config():
@@ -89,8 +120,28 @@ def test_transformer_parity_recipe(tmp_path):
     for s in data["students"].values():
         check_curve(s["curve"], "test_acc")
         assert "samples_to_0.9" in s and "flops_to_0.9" in s
+    teacher = data["teacher"]
+    assert teacher["restarts"] == len(teacher["attempts"]) - 1
+    assert teacher["reached_target"] == teacher["attempts"][-1]["reached_target"]
     phases = [p["name"] for p in data["students"]["curriculum_extraction"]["phases"]]
     assert phases[:2] == ["layer 1: blocks.0 <- blocks.0", "layer 2: blocks.1 <- blocks.1"]
+
+
+def test_transformer_parity_restarts_a_teacher_that_misses_its_target(tmp_path, capsys):
+    import transformer_parity
+    result = transformer_parity.main(
+        ["--d", "6", "--k", "2", "--teacher-width", "8", "--teacher-depth", "1",
+         "--student-width", "8", "--student-depth", "1", "--heads", "2", "--seed", "4",
+         "--teacher-samples", "1600", "--teacher-target", "1.01", "--teacher-restarts", "2",
+         "--samples", "320", "--batch-size", "32", "--eval-every", "5", "--test-size", "128",
+         "--methods", "one_shot", "--device", "cpu", "--quiet",
+         "--json", str(tmp_path / "tp.json"), "--plot", ""])
+    teacher = result["teacher"]
+    assert teacher["restarts"] == 2 and not teacher["reached_target"]
+    assert [a["init_seed"] for a in teacher["attempts"]] == [4, 1004, 2004]
+    assert [a["samples"] for a in teacher["attempts"]] == [1600] * 3
+    assert teacher["total_samples"] == 4800
+    assert "no teacher reached 1.01 test accuracy in 3 attempts" in capsys.readouterr().out
 
 
 def test_pcfg_grammar_is_seeded_and_ends():
