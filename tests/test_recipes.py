@@ -230,3 +230,77 @@ def test_cex_demo_default_out_is_its_own_folder():
     assert args.out == "cex-demo" and not args.quick and not args.full
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["demo", "--quick", "--full"])
+
+
+def _tiny_hf_models(tmp_path):
+    """A tiny word-level BERT tokenizer, random-init BERT (masked LM) and GPT-2 (causal LM)
+    teachers with its vocabulary, and a text file: what bert_distill_gpu.py reads."""
+    transformers = pytest.importorskip("transformers")
+    words = "the a cat dog sat ran on under mat tree big small red blue and then".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    import random
+    rng = random.Random(0)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(rng.randint(5, 20)))
+                              for _ in range(120)) + "\n")
+    import torch
+    torch.manual_seed(0)
+    dirs = {}
+    for task, model in (
+            ("mlm", transformers.BertForMaskedLM(transformers.BertConfig(
+                vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64))),
+            ("causal", transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64)))):
+        dirs[task] = str(tmp_path / task)
+        model.save_pretrained(dirs[task])
+        tok.save_pretrained(dirs[task])
+    return dirs, str(text)
+
+
+@pytest.mark.parametrize("task", ["mlm", "causal"])
+def test_bert_distill_gpu_script_runs_on_cpu(tmp_path, task):
+    import bert_distill_gpu
+    dirs, text = _tiny_hf_models(tmp_path)
+    js, png = str(tmp_path / "bd.json"), str(tmp_path / "bd.png")
+    result = bert_distill_gpu.main(
+        ["--teacher", dirs[task], "--task", task, "--text", text, "--student-layers", "1",
+         "--student-hidden", "16", "--student-heads", "2", "--student-intermediate", "32",
+         "--seq-len", "16", "--eval-rows", "16", "--steps", "6", "--batch-size", "4",
+         "--warmup-steps", "1", "--hidden-fraction", "0.34", "--eval-every", "3",
+         "--methods", "labels", "one_shot", "curriculum_extraction", "--device", "cpu",
+         "--quiet", "--json", js, "--plot", png])
+    data = check_outputs(result, js, png)
+    assert set(data["students"]) == {"labels", "one_shot", "curriculum_extraction"}
+    for s in data["students"].values():
+        check_curve(s["curve"], "heldout_loss")
+        assert s["steps"] == 6 and 0.0 <= s["final_heldout_acc"] <= 1.0
+    phases = [p["name"] for p in data["students"]["curriculum_extraction"]["phases"]]
+    block = "bert.encoder.layer" if task == "mlm" else "transformer.h"
+    assert phases[0] == f"layer 1: {block}.0 <- {block}.1" and len(phases) == 2
+    assert data["estimate"]["flops_per_method"] > 0 and data["teacher"]["heldout_loss"] > 0
+
+
+def test_bert_distill_masking_follows_the_80_10_10_rule():
+    import torch
+    import bert_distill_gpu
+
+    class Tok:
+        mask_token_id = 4
+
+        def __len__(self):
+            return 100
+
+    blocks = torch.randint(5, 100, (200, 100))
+    inputs, labels = bert_distill_gpu.mask_blocks(blocks, Tok(), 0.3, seed=0)
+    target = labels != -100
+    assert torch.equal(labels[target], blocks[target])
+    assert abs(target.float().mean().item() - 0.3) < 0.01
+    masked = (inputs == 4) & target
+    kept = (inputs == blocks) & target
+    assert not ((inputs != blocks) & ~target).any()  # only targets change
+    assert abs(masked.sum().item() / target.sum().item() - 0.8) < 0.02
+    # 10% random (a random token may equal the original: counted as kept, ~1/95 of them)
+    assert abs(kept.sum().item() / target.sum().item() - 0.1) < 0.02
