@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import sys
 import time
@@ -62,9 +61,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import environment, finish_run, format_table, plot_curves, resolve_device  # noqa: E402
+from _common import (environment, finish_run, format_table, plot_curves, resolve_device,  # noqa: E402
+                     step_budget_method)
 
-from cex_kernels.distill import Budget, CurriculumExtraction, OneShotDistillation  # noqa: E402
 from cex_kernels.experiments._curves import fit_with_curve  # noqa: E402
 
 METHODS = ("labels", "one_shot", "curriculum_extraction")
@@ -195,8 +194,9 @@ def load_models(args):
             setattr(cfg, "intermediate_size" if hasattr(cfg, "intermediate_size") else "n_inner",
                     args.student_intermediate)
         student = auto.from_config(cfg)
-    if student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]:
-        raise SystemExit("teacher and student vocabularies differ in size")
+    v_s, v_t = (m.get_output_embeddings().weight.shape[0] for m in (student, teacher))
+    if v_s != v_t:
+        raise SystemExit(f"teacher and student vocabularies differ in size ({v_t} vs {v_s})")
     return tokenizer, teacher, student
 
 
@@ -231,21 +231,6 @@ def heldout(model, inputs, labels, task: str, batch_size: int, device) -> Dict[s
     return {"heldout_loss": loss_sum / max(count, 1), "heldout_acc": correct / max(count, 1)}
 
 
-def build_method(name, args, teacher, student):
-    if name == "labels":
-        return OneShotDistillation(teacher, student, budget=args.steps, hard_label_weight=1.0)
-    if name == "one_shot":
-        return OneShotDistillation(teacher, student, budget=args.steps,
-                                   temperature=args.temperature)
-    s_blocks = block_names(student)
-    per_block = max(1, int(args.hidden_fraction * args.steps / len(s_blocks)))
-    return CurriculumExtraction(
-        teacher, student, {"student": s_blocks, "teacher": block_names(teacher)},
-        hidden_budget=Budget(steps=per_block),
-        final_budget=Budget(steps=max(1, args.steps - per_block * len(s_blocks))),
-        temperature=args.temperature, projection_seed=args.seed)
-
-
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = build_parser().parse_args(argv)
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
@@ -274,7 +259,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     students = {}
     for name in args.methods:
         student = copy.deepcopy(init)
-        method = build_method(name, args, teacher, student)
+        method = step_budget_method(name, teacher, student, steps=args.steps,
+                                    student_blocks=block_names(student),
+                                    teacher_blocks=block_names(teacher),
+                                    hidden_fraction=args.hidden_fraction,
+                                    temperature=args.temperature, seed=args.seed)
         run = fit_with_curve(method, train, batch_size=args.batch_size, lr=args.lr,
                              device=str(device), seed=args.seed, eval_every=args.eval_every,
                              evaluate=lambda m: heldout(m, ev_in, ev_lab, args.task,

@@ -436,7 +436,7 @@ class ProgressiveDistillation(DistillationMethod):
         super().__init__(teacher, student, final_budget=final_budget, **kwargs)
         self.schedule = schedule
         self.teacher_checkpoints = list(teacher_checkpoints)
-        self.checkpoint_steps = None if checkpoint_steps is None else [int(c) for c in checkpoint_steps]
+        self.checkpoint_steps = None if checkpoint_steps is None else list(checkpoint_steps)
         self.multiplier = None if multiplier is None else float(multiplier)
         self.total_steps = total_steps
         if schedule == "phases":
