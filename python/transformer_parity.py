@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -46,9 +47,10 @@ from _common import (add_run_arguments, TinyTransformer, block_names, environmen
 from cex_kernels.distill import Budget, CurriculumExtraction, OneShotDistillation  # noqa: E402
 from cex_kernels.experiments._curves import fit_with_curve  # noqa: E402
 from cex_kernels.experiments.sparse_parity import (parity_data, parity_support,  # noqa: E402
+                                                   progressive_method, progressive_plan,
                                                    torch_threads)
 
-METHODS = ("labels", "one_shot", "curriculum_extraction")
+METHODS = ("labels", "one_shot", "progressive", "progressive_2shot", "curriculum_extraction")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=64_000, help="each student's sample budget")
     p.add_argument("--hidden-fraction", type=float, default=0.3,
                    help="share of the budget for curriculum extraction's block phases (split evenly)")
+    p.add_argument("--progressive-until", type=float, default=0.5,
+                   help="progressive: share of the budget after which the student has walked "
+                        "the teacher's timeline (checkpoints every 50 teacher steps)")
     p.add_argument("--batch-size", type=int, default=128, help="samples per step")
     p.add_argument("--lr", type=float, default=3e-3, help="learning rate (teacher and students)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
@@ -112,7 +117,7 @@ def train_teacher(args, support, test, device, log) -> Dict:
     attempts = []
     for r in range(args.teacher_restarts + 1):
         run = _train_teacher_once(args, support, test, device, log, init_seed=args.seed + 1000 * r)
-        attempts.append({k: v for k, v in run.items() if k not in ("model", "history")})
+        attempts.append({k: v for k, v in run.items() if k not in ("model", "history", "saved")})
         if run["reached_target"]:
             break
         if r < args.teacher_restarts:
@@ -132,7 +137,7 @@ def _train_teacher_once(args, support, test, device, log, init_seed: int) -> Dic
     teacher = make_model(args, args.teacher_width, args.teacher_depth).to(device)
     opt = torch.optim.AdamW(teacher.parameters(), lr=args.lr)
     ids_test, y_test = (t.to(device) for t in test.tensors)
-    step, acc, history, t0 = 0, 0.0, [], time.perf_counter()
+    step, acc, history, saved, t0 = 0, 0.0, [], [], time.perf_counter()
     max_steps = args.teacher_samples // args.batch_size
     while step < max_steps:
         block = as_tokens(parity_data(50 * args.batch_size, args.d, support,
@@ -146,6 +151,8 @@ def _train_teacher_once(args, support, test, device, log, init_seed: int) -> Dic
             opt.step()
             step += 1
         acc = accuracy(teacher, ids_test, y_test)
+        saved.append({"step": step, "test_acc": acc,  # progressive distillation's checkpoints
+                      "state": {k: v.detach().clone() for k, v in teacher.state_dict().items()}})
         history.append({"step": step, "samples": step * args.batch_size, "test_acc": acc,
                         "loss": loss.item()})
         if acc >= args.teacher_target:
@@ -157,10 +164,10 @@ def _train_teacher_once(args, support, test, device, log, init_seed: int) -> Dic
     return {"model": teacher, "init_seed": init_seed, "steps": step,
             "samples": step * args.batch_size,
             "test_acc": acc, "reached_target": acc >= args.teacher_target, "seconds": secs,
-            "history": history}
+            "history": history, "saved": saved}
 
 
-def build_method(name, args, teacher, student):
+def build_method(name, args, teacher, student, plan):
     total = args.samples
     if name == "labels":
         return OneShotDistillation(teacher, student, budget=Budget(samples=total),
@@ -168,6 +175,8 @@ def build_method(name, args, teacher, student):
     if name == "one_shot":
         return OneShotDistillation(teacher, student, budget=Budget(samples=total),
                                    temperature=args.temperature)
+    if name in ("progressive", "progressive_2shot"):
+        return progressive_method(name, teacher, student, plan, args.temperature)
     per_block = int(args.hidden_fraction * total / args.student_depth)
     return CurriculumExtraction(
         teacher, student, {"student": block_names(student), "teacher": block_names(teacher)},
@@ -193,11 +202,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         teacher = train_teacher(args, support, test, device, log)
         n_train = args.samples + args.batch_size
         train = as_tokens(parity_data(n_train, args.d, support, seed=2_000_000 + args.seed))
+        plan = progressive_plan(teacher, student_steps=math.ceil(args.samples / args.batch_size),
+                                until=args.progressive_until)
         torch.manual_seed(args.seed + 1)
         init = make_model(args, args.student_width, args.student_depth)
         for name in args.methods:
             student = copy.deepcopy(init)  # every method starts from the same student
-            method = build_method(name, args, teacher["model"], student)
+            method = build_method(name, args, teacher["model"], student, plan)
             run = fit_with_curve(method, train, batch_size=args.batch_size, lr=args.lr,
                                  device=device, seed=args.seed, eval_every=args.eval_every,
                                  evaluate=lambda m: {"test_acc": accuracy(m, ids_test, y_test)})
@@ -224,7 +235,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     print(format_table(rows))
     result = {"experiment": "transformer_parity", "environment": env, "config": vars(args),
               "support": support,
-              "teacher": {k: v for k, v in teacher.items() if k != "model"},
+              "teacher": {k: v for k, v in teacher.items() if k not in ("model", "saved")},
+              "progressive": {k: v for k, v in plan.items() if k not in ("timeline", "two_shot")},
               "students": students, "table": rows, "seconds": time.perf_counter() - t0}
     plot_path = plot_curves(
         args.plot, {n: s["curve"] for n, s in students.items()}, metric="test_acc",

@@ -116,10 +116,13 @@ def test_transformer_parity_recipe(tmp_path):
          "--eval-every", "5", "--test-size", "256", "--device", "cpu", "--quiet",
          "--json", js, "--plot", png])
     data = check_outputs(result, js, png)
-    assert set(data["students"]) == {"labels", "one_shot", "curriculum_extraction"}
+    assert set(data["students"]) == set(transformer_parity.METHODS)
     for s in data["students"].values():
         check_curve(s["curve"], "test_acc")
         assert "samples_to_0.9" in s and "flops_to_0.9" in s
+    plan, steps = data["progressive"], data["students"]["progressive"]["steps"]
+    assert steps == plan["student_steps"] == 20
+    assert plan["multiplier"] == pytest.approx(data["teacher"]["steps"] / (0.5 * 20))
     teacher = data["teacher"]
     assert teacher["restarts"] == len(teacher["attempts"]) - 1
     assert teacher["reached_target"] == teacher["attempts"][-1]["reached_target"]
