@@ -1,15 +1,24 @@
-"""Sparse parity with small transformers: curriculum extraction over blocks vs one-shot.
+"""Sparse parity with small transformers: curriculum extraction over blocks vs one-shot and
+progressive distillation.
 
-    python python/transformer_parity.py     # tiny default: ~90 s on 2 CPU cores (up to ~6 min
-                                            # when the teacher never learns and hits its cap)
+    python python/transformer_parity.py --seed 0   # tiny default: ~2 min on 2 CPU cores
 
 The paper's transformer experiment at toy size. Inputs are d bits as tokens (0/1), the label
 is the parity of k secret positions. A teacher transformer (``--teacher-depth`` blocks of
-width ``--teacher-width``, mean-pooled, 2 logits) is trained on labels; students (fewer,
-narrower blocks) then get the same sample budget with:
+width ``--teacher-width``, mean-pooled, 2 logits) is trained on labels, saving a checkpoint
+every 50 steps. **A working teacher for every seed:** an attempt that has not reached
+``--teacher-target`` test accuracy within ``--teacher-samples`` samples is discarded and
+training restarts from a new initialisation (torch seed ``seed + 1000 r`` for restart r,
+same data stream), up to ``--teacher-restarts`` times; the JSON records ``restarts`` and
+every attempt. Students (fewer, narrower blocks) then get the same sample budget with:
 
 - ``labels``: cross-entropy on hard labels;
 - ``one_shot``: softmax-KL to the teacher's logits;
+- ``progressive``: softmax-KL along the teacher's timeline (student step t uses the first
+  checkpoint saved at or after teacher step t x multiplier; the multiplier makes the student
+  walk the whole run in ``--progressive-until`` of its budget), then the final teacher;
+- ``progressive_2shot``: the same with one checkpoint in the teacher's phase transition
+  (the first at least halfway from chance to its final accuracy) plus the final teacher;
 - ``curriculum_extraction``: student block i matched (projected-MSE, per position) to a
   random projection of teacher block ``round((i+1) T / S) - 1`` (evenly spaced by depth), one
   phase per block (earlier blocks frozen), then softmax-KL on the logits.
@@ -18,13 +27,7 @@ Reported: test accuracy (fresh samples) against steps, samples and FLOPs, and th
 FLOPs each student needs to reach the ``--targets`` accuracies.
 
 Default (d=12, k=3, teacher 2 blocks x 64, students 2 blocks x 32, 64k samples, batch 128,
-lr 3e-3), measured on the 2-core CPU (2026-11-23), about 90 s per seed, final test accuracy
-for seeds 0 / 2: labels 0.524 / 0.479, one-shot 0.717 / 0.478, curriculum extraction
-0.881 / 1.000. Seed 1's teacher did not learn the parity within 600k samples (all students
-at chance; a warning is printed). With ``--samples 96000`` (seed 0) one-shot catches up (both
-~1.0, first at 0.9 after ~90k samples), though curriculum extraction leaves chance earlier.
-So the default shows curriculum extraction ahead at equal samples when the teacher learns,
-with seed-to-seed variation; see python/RESULTS.md.
+lr 3e-3): TP_NUMBERS
 """
 from __future__ import annotations
 
