@@ -175,3 +175,10 @@ def test_config_file_runs_the_timeline(tmp_path, capsys):
     path.write_text(json.dumps(cfg))
     assert cli.main(["distill", "--config", str(path)]) == 2
     assert "did you mean ['multiplier']" in capsys.readouterr().err
+
+
+def test_switches_inside_the_timeline_do_not_write_checkpoints(tmp_path):
+    _, result = _resumable(tmp_path / "run")
+    assert [p.steps for p in result.phases] == [3, 3, 2]
+    names = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint"))
+    assert names == ["checkpoint-00000008.pt"]  # the end of the run only (keep_checkpoints=2)

@@ -87,7 +87,8 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     out_dir: null                # metrics.jsonl/csv, tb/, checkpoint-<step>.pt, student/
     overwrite: false             # start over in an out_dir that holds a previous run
     resume: null                 # 'auto' (newest checkpoint in out_dir) or a checkpoint path
-    checkpoint_every: 0          # steps (phase ends and stops always checkpoint)
+    checkpoint_every: 0          # steps (phase ends and stops always checkpoint, except a
+                                 #   progressive timeline's teacher switches)
     keep_checkpoints: 2          # newest checkpoints kept
     stop_after_steps: null       # checkpoint and stop after this global step
     save_student: true           # save_pretrained (safetensors) to out_dir/student at the end

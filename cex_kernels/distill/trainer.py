@@ -431,10 +431,13 @@ class Trainer:
             if evaluate:
                 metrics.log({"phase_index": pi, "phase": phase.name, "global_step": global_step,
                              "end_of_phase": True, **self._evaluate(phase, global_step)})
-            # The next phase continues this optimizer: the checkpoint must carry it.
+            # A phase end checkpoints, except inside a run of phases sharing one optimizer
+            # (a progressive timeline switches teacher every few steps; checkpoint_every
+            # still applies there) unless the run stops here, with the optimizer then.
             keep = pi + 1 < len(phases) and phases[pi + 1].continues
-            self._save(pi + 1, 0, global_step, opt if keep else None, sched if keep else None,
-                       flops)
+            if not keep or stop:
+                self._save(pi + 1, 0, global_step, opt if keep else None,
+                           sched if keep else None, flops)
             if self.rank == 0:
                 log.info("phase %d (%s) done: %d steps, %.3g FLOPs", pi, phase.name, phase.steps,
                          flops[pi])
