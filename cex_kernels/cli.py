@@ -4,7 +4,9 @@
               [--json PATH] [--md PATH] [--plot DIR]
     cex backends
     cex aot [--arch 80 90] [--json PATH]      (= python -m cex_kernels.triton.aot)
-    cex distill --config run.yaml [--resume|--overwrite]   (curriculum extraction and baselines)
+    cex distill --config run.yaml [--resume|--overwrite] [--from-cache]
+                                              (curriculum extraction and baselines)
+    cex cache-teacher --config run.yaml [--dry-run] [--overwrite]   (offline distillation)
     cex demo [--quick|--full] [--out DIR] [--device cpu|cuda]   (sparse parity + a short benchmark)
 """
 from __future__ import annotations
@@ -114,7 +116,7 @@ def _distill(args) -> int:
     try:
         # Everything a config can get wrong is raised here, before the first step.
         trainer = build_run(load_config(args.config), resume=args.resume,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, from_cache=args.from_cache)
         result = trainer.fit()
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         # config, layer-map, shape, budget, out_dir and checkpoint errors
@@ -129,6 +131,34 @@ def _distill(args) -> int:
     print(json.dumps({"global_step": result.global_step, "stopped_early": result.stopped_early,
                       "phase_flops": result.phase_flops, "student_dir": result.student_dir,
                       "final": result.records[-1] if result.records else None}))
+    return 0
+
+
+def _cache_teacher(args) -> int:
+    import logging
+
+    import torch.distributed as dist
+
+    from cex_kernels.distill.config import build_cache_run, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run = build_cache_run(load_config(args.config), overwrite=args.overwrite,
+                              dry_run=args.dry_run, progress_bar=not args.no_progress)
+        report = run()
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"cex cache-teacher: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        est = report["estimate"]
+        print(json.dumps({"path": report["path"], "rows": report["rows"],
+                          "dry_run": args.dry_run, "shards_written": len(report["written"]),
+                          "tokens": est.tokens, "bytes_per_token": est.bytes_per_token,
+                          "total_bytes": est.total_bytes}))
     return 0
 
 
@@ -208,7 +238,29 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--overwrite", action="store_true",
                          help="start over in a train.out_dir that holds a previous run "
                               "(= train.overwrite: true)")
+    distill.add_argument("--from-cache", action="store_true",
+                         help="train from the teacher cache in cache.dir (written by cex "
+                              "cache-teacher): no teacher model is built or held in memory")
     distill.set_defaults(func=_distill)
+
+    cache = sub.add_parser(
+        "cache-teacher", help="run the teacher once over the dataset and store what "
+                              "distillation needs (offline distillation)",
+        description="Run the config's teacher over its training data (the trainer's "
+                    "collator and batches) and write a teacher cache to cache.dir: per real "
+                    "token the top-k (or sampled) log-probabilities and ids, and per mapped "
+                    "layer the projected hidden state teacher_hidden @ P. Prints the size "
+                    "estimate first. Rerun to resume after an interruption; under torchrun "
+                    "the ranks split the shards. Then: cex distill --config ... --from-cache. "
+                    "Format: cex_kernels/distill/cache.py and README.",
+        epilog=SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache.add_argument("--config", required=True, metavar="PATH", help="run.yaml or run.json")
+    cache.add_argument("--dry-run", action="store_true",
+                       help="print the size estimate (per token and total) and write nothing")
+    cache.add_argument("--overwrite", action="store_true",
+                       help="replace a cache in cache.dir made with other settings")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cache.set_defaults(func=_cache_teacher)
 
     demo = sub.add_parser(
         "demo", help="curriculum extraction vs one-shot on sparse parity, and a short "

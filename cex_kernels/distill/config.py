@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 import typing
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -24,8 +24,14 @@ from cex_kernels.distill.trainer import Trainer, TrainConfig, TrainResult
 
 METHODS = {"curriculum_extraction": CurriculumExtraction, "one_shot": OneShotDistillation,
            "progressive": ProgressiveDistillation}
-SECTIONS = ("teacher", "student", "data", "method", "optimizer", "train")
+SECTIONS = ("teacher", "student", "data", "method", "optimizer", "train", "cache")
 MODEL_KEYS = {"model": str, "kwargs": dict, "seed": int, "checkpoint": typing.Optional[str]}
+TEACHER_KEYS = {**MODEL_KEYS, "cache": typing.Optional[str]}
+# cex cache-teacher: keyword arguments of cex_kernels.distill.offline.cache_teacher
+CACHE_KEYS = {"dir": str, "k": int, "batch_size": int, "rows_per_shard": int,
+              "logprob_dtype": str, "hidden_dtype": str, "sampled_rounds": typing.Optional[int],
+              "proposal_temperature": float, "seed": int, "storage": str,
+              "tokenizer": typing.Optional[str]}
 DATA_KEYS = {"dataset": str, "kwargs": dict, "eval_dataset": typing.Optional[str],
              "eval_kwargs": dict}
 BUDGET_KEYS = ("hidden_budget", "final_budget", "budget", "checkpoint_budget")
@@ -44,6 +50,8 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
                                  #   hf_pretrained: from_pretrained kwargs
     seed: 0                      # torch seed before building (random init)
     checkpoint: PATH             # optional torch.save'd state dict loaded after building
+    cache: DIR                   # teacher only: train from this teacher cache (no teacher
+                                 #   model is built; = cex distill --from-cache with cache.dir)
   data:
     dataset: NAME                # required. sparse_parity, random_tokens, token_rows, or 'pkg.mod:fn'
                                  #   returning a map-style dataset (rows: tensors, tuples, or dicts
@@ -62,7 +70,8 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     #   (checkpoint_steps: the teacher step of each checkpoint, multiplier: teacher steps per
     #   student step, total_steps: the student's budget; step t uses the first checkpoint at
     #   or after t * multiplier, then the final teacher)
-    # all: temperature (> 0), hard_label_weight (0..1), vocab_size, shift_labels, backend
+    # all: temperature (> 0), hard_label_weight (0..1), vocab_size, shift_labels, backend,
+    #   top_k_loss (from a top-k cache: renormalized or tail; a sampled cache: sampled)
     # budgets: an int (steps), a float in (0, 1] (fraction of train.total_steps/total_samples)
     #   or {steps: N} / {samples: N} / {fraction: F}
   optimizer:
@@ -94,6 +103,15 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     save_student: true           # save_pretrained (safetensors) to out_dir/student at the end
     eval_every: 0                # steps (0: at phase ends only); eval_batches: null = all
     log_every: 10, progress_bar: true, tensorboard: true, print_schedule: true
+  cache:                         # cex cache-teacher (offline distillation), then
+    dir: PATH                    #   cex distill --from-cache trains from it, no teacher in memory
+    k: 32                        # top-k ids per token (log-probs at method.temperature)
+    sampled_rounds: null         # N: Random-Sampling KD instead (N draws per token, unbiased)
+    proposal_temperature: 1.0    #   sampling from q ~ p^(1/t)
+    batch_size: 8                # teacher batch size; rows_per_shard: 256 (the resume unit)
+    logprob_dtype: bfloat16      # or float16, float32; hidden_dtype: bfloat16 (projected states)
+    storage: auto                # safetensors if installed, else numpy (memory-mapped .npy)
+    seed: 0, tokenizer: null     # sampling seed; tokenizer name recorded in the index
 """
 
 
@@ -171,6 +189,24 @@ def _model(section: str, spec: Dict[str, Any]):
     return model
 
 
+def _teacher(spec: Dict[str, Any], from_cache: Optional[str] = None):
+    """The teacher model, or a TeacherCache (``teacher.cache`` or ``from_cache``)."""
+    spec = _check_keys("teacher", spec, TEACHER_KEYS)
+    path = from_cache or spec.pop("cache", None)
+    if path is None:
+        return _model("teacher", spec)
+    from cex_kernels.distill.cache import TeacherCache
+    return _call(f"teacher cache {path!r}", TeacherCache, {"path": path})
+
+
+def cache_options(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``cache`` section, checked (``dir`` required)."""
+    spec = _check_keys("cache", dict(cfg.get("cache") or {}), CACHE_KEYS)
+    if "dir" not in spec:
+        raise ConfigError("config: cache.dir is required (where the teacher cache is written)")
+    return spec
+
+
 def _dataset(name: str, kwargs: Dict[str, Any], where: str):
     fn = _call(where, registry.lookup, {"name": name, "table": registry.DATASETS,
                                         "what": "dataset"})
@@ -232,19 +268,10 @@ def _optimizer(spec: Dict[str, Any], train: TrainConfig):
     return lambda parameters: cls(parameters, **opt)
 
 
-def build_run(cfg: Dict[str, Any], *, resume: bool = False, overwrite: bool = False) -> Trainer:
-    """The :class:`Trainer` a config describes, every part built and checked."""
-    train_spec = dict(cfg.get("train") or {})
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in train_spec:
-        if key not in fields:
-            raise _err("", did_you_mean("train option", key, fields))
-    if resume:
-        train_spec["resume"] = "auto"
-    if overwrite:
-        train_spec["overwrite"] = True
-    train = _call("train", TrainConfig, train_spec)
-    teacher, student = _model("teacher", cfg["teacher"]), _model("student", cfg["student"])
+def _parts(cfg: Dict[str, Any], train: TrainConfig, from_cache: Optional[str] = None):
+    """(method, dataset, eval dataset, optimizer factory), built and checked."""
+    teacher = _teacher(cfg["teacher"], from_cache)
+    student = _model("student", cfg["student"])
     data = _check_keys("data", cfg["data"], DATA_KEYS)
     if "dataset" not in data:
         raise ConfigError("config: data.dataset is required")
@@ -257,7 +284,55 @@ def build_run(cfg: Dict[str, Any], *, resume: bool = False, overwrite: bool = Fa
         raise ConfigError("config: data.eval_kwargs given without data.eval_dataset")
     method = _method(cfg["method"], teacher, student)
     factory = _optimizer(cfg.get("optimizer") or {}, train)
-    return Trainer(method, dataset, train, eval_dataset=eval_dataset, optimizer_factory=factory)
+    return method, dataset, eval_dataset, factory
+
+
+def build_cache_run(cfg: Dict[str, Any], *, overwrite: bool = False, dry_run: bool = False,
+                    progress_bar: bool = True) -> Callable[[], Dict[str, Any]]:
+    """``cex cache-teacher``: the config's teacher, student, data and method built and
+    checked, and the cache options; returns a function that writes the cache."""
+    from cex_kernels.distill.cache_write import cache_teacher
+    options = cache_options(cfg)
+    train = _call("train", TrainConfig, {k: v for k, v in (cfg.get("train") or {}).items()
+                                         if k in ("device", "pad_token_id")})
+    if (cfg["teacher"] or {}).get("cache"):
+        raise ConfigError("config: teacher.cache is set; cex cache-teacher needs the teacher "
+                          "model (teacher.model) to run")
+    method, dataset, _, _ = _parts(cfg, train)
+    out_dir = options.pop("dir")
+    from cex_kernels.distill.trainer import default_collator
+    collate = default_collator(method, train.pad_token_id)
+
+    def run():
+        return _call("cache", cache_teacher, {
+            "method": method, "dataset": dataset, "out_dir": out_dir, "collate_fn": collate,
+            "device": train.device, "overwrite": overwrite, "dry_run": dry_run,
+            "progress_bar": progress_bar, **options})
+    return run
+
+
+def build_run(cfg: Dict[str, Any], *, resume: bool = False, overwrite: bool = False,
+              from_cache: bool = False) -> Trainer:
+    """The :class:`Trainer` a config describes, every part built and checked;
+    ``from_cache``: train from the teacher cache in ``cache.dir`` (no teacher model)."""
+    train_spec = dict(cfg.get("train") or {})
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key in train_spec:
+        if key not in fields:
+            raise _err("", did_you_mean("train option", key, fields))
+    if resume:
+        train_spec["resume"] = "auto"
+    if overwrite:
+        train_spec["overwrite"] = True
+    train = _call("train", TrainConfig, train_spec)
+    method, dataset, eval_dataset, factory = _parts(
+        cfg, train, cache_options(cfg)["dir"] if from_cache else None)
+    if method.offline and eval_dataset is not None:
+        raise ConfigError("config: data.eval_dataset cannot be used when training from a "
+                          "teacher cache (it holds the training rows only)")
+    return _call("trainer", Trainer, {"method": method, "dataset": dataset, "config": train,
+                                      "eval_dataset": eval_dataset,
+                                      "optimizer_factory": factory})
 
 
 def run_config(path: str, **kwargs) -> TrainResult:

@@ -9,6 +9,12 @@ computes the teacher's targets (under ``inference_mode``) and the student's loss
   following the teacher's own timeline or in phases of chosen length, then to the final
   teacher (Panigrahi et al., 2024).
 
+Offline: every method also takes a :class:`~cex_kernels.distill.cache.TeacherCache` (or
+its directory) as ``teacher`` and then trains with no teacher model in memory
+(:mod:`cex_kernels.distill.offline`): projected-MSE phases compare with the cached
+``teacher_hidden @ P``, KL phases with the cached top-k (or sampled) log-probabilities,
+through the loss ``top_k_loss`` names (:mod:`cex_kernels.distill.top_k`).
+
 Batches: a dict (passed as ``model(**batch)`` without ``"labels"``), a tuple/list
 ``(inputs, labels?)`` (``model(inputs)``) or a tensor; override with ``forward_fn``. Losses
 read only real tokens (:mod:`cex_kernels.distill.batch`) and are sums divided by the step's
@@ -27,7 +33,9 @@ from torch import Tensor, nn
 from cex_kernels.distill import batch as B
 from cex_kernels.distill._losses import ce_loss_sum, kd_loss_sum, projected_mse_sum
 from cex_kernels.distill.hooks import HiddenStateCapture, first_tensor
+from cex_kernels.distill.cache import CacheError, TeacherCache
 from cex_kernels.distill.layer_map import LayerMapSpec, resolve_layer_map
+from cex_kernels.distill.offline import split_cached, squared_error_sum, strip_cached
 from cex_kernels.distill.schedule import (HIDDEN_MSE, LOGIT_KL, Budget, BudgetLike, Phase,
                                           as_budget, timeline_segments)
 
@@ -35,6 +43,7 @@ PROJECTION_KINDS = ("gaussian", "rademacher", "orthogonal", "identity")
 
 
 def default_forward(model: nn.Module, batch):
+    batch = strip_cached(batch)  # a batch from a teacher cache carries the cached targets
     if isinstance(batch, dict):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     if isinstance(batch, (tuple, list)):
@@ -105,6 +114,12 @@ class DistillationMethod:
     train ``(1 - w)·KD + w·CE``), ``vocab_size`` (compare only the first ``vocab_size``
     logits when teacher and student vocabularies differ), ``shift_labels`` (None: shift
     hard labels for Hugging Face causal LMs, as their ``labels = input_ids`` convention).
+
+    ``teacher`` may be a :class:`~cex_kernels.distill.cache.TeacherCache` (or a cache
+    directory): offline training, ``self.offline``. ``top_k_loss`` ("renormalized" or
+    "tail", see :mod:`~cex_kernels.distill.top_k`) picks the KL estimator for a top-k cache
+    (a model teacher's full logits ignore it, so one config serves caching and training);
+    a sampled cache always uses the sampled (unbiased) estimator.
     """
 
     name = "distillation"
@@ -112,15 +127,38 @@ class DistillationMethod:
     def __init__(self, teacher: nn.Module, student: nn.Module, *, temperature: float = 1.0,
                  hard_label_weight: float = 0.0, final_budget: BudgetLike = 1.0,
                  vocab_size: Optional[int] = None, shift_labels: Optional[bool] = None,
-                 backend: str = "auto", forward_fn: Callable = default_forward):
+                 backend: str = "auto", forward_fn: Callable = default_forward,
+                 top_k_loss: str = "renormalized"):
+        from cex_kernels.distill.cache import INDEX
         from cex_kernels.distill.registry import load_model
-        if isinstance(teacher, (str, os.PathLike)):  # a save_pretrained directory
-            teacher = load_model(teacher)
+        from cex_kernels.distill.top_k import TOP_K_LOSSES
+        if isinstance(teacher, (str, os.PathLike)):  # a teacher cache or save_pretrained dir
+            teacher = TeacherCache(teacher) if os.path.isfile(os.path.join(teacher, INDEX)) \
+                else load_model(teacher)
         if isinstance(student, (str, os.PathLike)):
             student = load_model(student)
-        if not isinstance(teacher, nn.Module) or not isinstance(student, nn.Module):
-            raise TypeError(f"teacher and student must be nn.Modules, got "
-                            f"{type(teacher).__name__} and {type(student).__name__}")
+        if not isinstance(teacher, (nn.Module, TeacherCache)) or not isinstance(student, nn.Module):
+            raise TypeError(f"teacher must be an nn.Module or a TeacherCache and student an "
+                            f"nn.Module, got {type(teacher).__name__} and {type(student).__name__}")
+        self.offline = isinstance(teacher, TeacherCache)
+        if top_k_loss not in TOP_K_LOSSES:
+            raise ValueError(f"top_k_loss must be one of {TOP_K_LOSSES}, got {top_k_loss!r}")
+        if self.offline:
+            kind = teacher.logits_kind
+            if kind == "sampled" and top_k_loss != "renormalized":
+                raise ValueError(f"top_k_loss={top_k_loss!r}: the cache holds sampled ids, "
+                                 "which train with the sampled estimator only")
+            self.top_k_loss = "sampled" if kind == "sampled" else top_k_loss
+            if self.top_k_loss != "renormalized" and temperature != teacher.temperature:
+                raise ValueError(f"top_k_loss={self.top_k_loss!r} needs the cache's "
+                                 f"temperature ({teacher.temperature}), got temperature="
+                                 f"{temperature}: its log-probabilities are normalized at that "
+                                 "temperature only (the renormalized loss can re-temper)")
+            if forward_fn is not default_forward:  # the user's forward never sees the cache
+                user_forward = forward_fn
+                forward_fn = lambda model, batch: user_forward(model, strip_cached(batch))  # noqa: E731
+        else:
+            self.top_k_loss = top_k_loss
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
                 or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
@@ -168,7 +206,12 @@ class DistillationMethod:
             return
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             s = logits_of(self.forward_fn(self.student, batch))
-            t = self.teacher_targets(self.phases[-1], batch)
+            if self.offline:
+                self._check_cached_logits(s)
+                t = self.teacher_targets(self.phases[-1], batch)["logprobs"]
+                t = t.new_empty((*t.shape[:-1], self.teacher.vocab_size))
+            else:
+                t = self.teacher_targets(self.phases[-1], batch)
         v = self.vocab_size
         if v is not None and not v <= min(s.shape[-1], t.shape[-1]):
             raise ValueError(f"{self.name}: vocab_size={v} is larger than the student "
@@ -187,6 +230,20 @@ class DistillationMethod:
             if labels.shape != s.shape[:-1]:
                 raise ValueError(f"{self.name}: labels {tuple(labels.shape)} do not match the "
                                  f"logits' leading dimensions {tuple(s.shape[:-1])}")
+
+    def _check_cached_logits(self, student_logits: Tensor) -> None:
+        """Offline: the cache's vocabulary, and a stream for every KL phase's teacher."""
+        self.teacher.check_vocab(student_logits.shape[-1], self.vocab_size)
+        for phase in self.phases:
+            if phase.kind == LOGIT_KL:
+                self.teacher.check_stream(self.cache_stream(phase),
+                                          f"logits for phase {phase.name!r}")
+        names = [str(c) for c in getattr(self, "teacher_checkpoints", [])]
+        cached = self.teacher.index.get("checkpoints", [])
+        if names and all(isinstance(c, (str, os.PathLike)) for c in self.teacher_checkpoints) \
+                and names != cached:
+            raise CacheError(f"teacher cache {self.teacher.path!r} holds the checkpoints "
+                             f"{cached}, this run names {names}")
 
     def set_phase_trainable(self, phase: Phase) -> List[nn.Parameter]:
         """Turn ``requires_grad`` on for exactly the phase's parameters; return them."""
@@ -211,9 +268,30 @@ class DistillationMethod:
         labels = B.count_labels(batch, self.shift_labels) if phase.kind == LOGIT_KL else 0
         return self._rule(phase).count(batch), labels
 
+    def cache_stream(self, phase: Phase) -> str:
+        """The cache stream a phase reads (offline)."""
+        if phase.kind == LOGIT_KL:
+            k = getattr(phase, "teacher_index", None)
+            return "logits" if k is None else f"logits@{k}"
+        return f"hidden.{phase.pair}"
+
+    def _cached_targets(self, phase: Phase, batch):
+        _, cached = split_cached(batch)
+        if cached is None:
+            raise ValueError(f"{self.name}: the teacher is a cache, but this batch carries no "
+                             "cached targets: train with cex_kernels.distill.Trainer, which "
+                             "reads them for each batch (offline.CacheCollator)")
+        stream = self.cache_stream(phase)
+        if stream not in cached:
+            self.teacher.check_stream(stream, f"targets for phase {phase.name!r}")
+        return cached[stream] if phase.kind == LOGIT_KL else cached[stream]["values"]
+
     @torch.inference_mode()
-    def teacher_targets(self, phase: Phase, batch) -> torch.Tensor:
-        """The teacher's hidden state (projected-MSE phases) or logits (KL phases)."""
+    def teacher_targets(self, phase: Phase, batch):
+        """The teacher's hidden state (projected-MSE phases) or logits (KL phases); from a
+        cache: the projected hidden state, or ``{"logprobs", "indices"[, "weights"]}``."""
+        if self.offline:
+            return self._cached_targets(phase, batch)
         teacher = self.teacher_for(phase)
         if phase.kind == LOGIT_KL:
             return logits_of(self.forward_fn(teacher, batch))
@@ -232,8 +310,7 @@ class DistillationMethod:
         mask = self._rule(phase).mask(batch)
         if phase.kind == LOGIT_KL:
             logits = logits_of(self.forward_fn(self.student, batch))
-            kd = kd_loss_sum(logits, targets, temperature=self.temperature, mask=mask,
-                             vocab_size=self.vocab_size, backend=self.backend) / rows
+            kd = self._kd_sum(logits, targets, mask) / rows
             w = self.hard_label_weight
             if w == 0.0:
                 return kd, {"kd": kd.detach()}
@@ -244,14 +321,34 @@ class DistillationMethod:
                                 stop_after=name if self.stop_early else None) as cap:
             cap.run(self.forward_fn, self.student, batch)
         hidden, proj = cap.hidden[name], self.projections[phase.pair]
-        mse = projected_mse_sum(hidden, targets, proj.projection, mask,
-                                backend=self.backend) / (rows * proj.d_student)
+        if self.offline:  # the cache holds teacher_hidden @ P already
+            mse = squared_error_sum(hidden, targets, mask) / (rows * proj.d_student)
+        else:
+            mse = projected_mse_sum(hidden, targets, proj.projection, mask,
+                                    backend=self.backend) / (rows * proj.d_student)
         return mse, {"mse": mse.detach()}
+
+    def _kd_sum(self, logits: Tensor, targets, mask) -> Tensor:
+        """``T² Σ KL`` over the kept rows: the full teacher, or a cache's k ids per token."""
+        if not self.offline:
+            return kd_loss_sum(logits, targets, temperature=self.temperature, mask=mask,
+                               vocab_size=self.vocab_size, backend=self.backend)
+        from cex_kernels.distill import top_k
+        lp, idx, T = targets["logprobs"], targets["indices"], self.temperature
+        if self.top_k_loss == "renormalized":
+            return top_k.renormalized_kl_sum(logits, lp, idx, temperature=T, mask=mask,
+                                             cache_temperature=self.teacher.temperature,
+                                             vocab_size=self.vocab_size, backend=self.backend)
+        if self.top_k_loss == "tail":
+            return top_k.tail_kl_sum(logits, lp, idx, temperature=T, mask=mask,
+                                     vocab_size=self.vocab_size)
+        return top_k.sampled_kl_sum(logits, lp, idx, targets["weights"], temperature=T,
+                                    mask=mask, vocab_size=self.vocab_size)
 
     def loss_flops(self, phase: Phase, targets: torch.Tensor, rows: Optional[int] = None) -> int:
         """Matmul FLOPs of the loss itself (projected-MSE's ``teacher @ P`` over the real
         rows, all of them when ``rows`` is None; KL has none)."""
-        if phase.kind != HIDDEN_MSE:
+        if phase.kind != HIDDEN_MSE or self.offline:  # offline: P was applied at caching
             return 0
         proj = self.projections[phase.pair]
         if rows is None:
@@ -306,6 +403,8 @@ class CurriculumExtraction(DistillationMethod):
             raise ValueError(f"projection_kind='identity' needs equal widths, got teacher "
                              f"{d_t} and student {d_s}")
         self.layer_map = resolve_layer_map(student, teacher, layer_map)
+        if self.offline:
+            teacher.check_layers(self.layer_map, int(projection_seed), projection_kind)
         budgets = hidden_budget if isinstance(hidden_budget, (list, tuple)) else \
             [hidden_budget] * len(self.layer_map)
         if len(budgets) != len(self.layer_map):
@@ -330,13 +429,18 @@ class CurriculumExtraction(DistillationMethod):
             with HiddenStateCapture(self.student, s_names) as cap:
                 cap.run(self.forward_fn, self.student, sample_batch)
             cap.check_calls("student")
-            with torch.no_grad(), HiddenStateCapture(self.teacher, t_names) as tcap:
-                tcap.run(self.forward_fn, self.teacher, sample_batch)
-            tcap.check_calls("teacher")
+            if self.offline:  # the cached projected states stand in for the teacher's
+                tcap = self._cached_hidden(sample_batch)
+            else:
+                with torch.no_grad(), HiddenStateCapture(self.teacher, t_names) as tcap:
+                    tcap.run(self.forward_fn, self.teacher, sample_batch)
+                tcap.check_calls("teacher")
         reach: List[Set[str]] = []
         self.projections = []
         for i, (s, t) in enumerate(self.layer_map):
-            hs, ht = cap.hidden[s], tcap.hidden[t]
+            hs, ht = cap.hidden[s], tcap.hidden[t if not self.offline else i]
+            if self.offline:
+                self.teacher.check_width(i, hs.shape[-1])
             if hs.shape[:-1] != ht.shape[:-1]:
                 raise ValueError(f"layer_map pair {i} ({s!r} <- {t!r}): student hidden "
                                  f"{tuple(hs.shape)} and teacher hidden {tuple(ht.shape)} must "
@@ -346,8 +450,9 @@ class CurriculumExtraction(DistillationMethod):
                                         allow_unused=True, retain_graph=True) if hs.requires_grad \
                 else [None] * len(params)
             reach.append({n for n, g in zip(params, grads) if g is not None})
+            d_t = self.teacher.layers[i]["d_teacher"] if self.offline else ht.shape[-1]
             try:
-                proj = FixedProjection(ht.shape[-1], hs.shape[-1], seed=self.projection_seed + i,
+                proj = FixedProjection(d_t, hs.shape[-1], seed=self.projection_seed + i,
                                        kind=self.projection_kind)
             except ValueError as exc:
                 raise ValueError(f"layer_map pair {i} ({s!r} <- {t!r}): {exc}") from None
@@ -364,6 +469,14 @@ class CurriculumExtraction(DistillationMethod):
                                  (" that earlier layers did not already" if self.freeze_earlier
                                   else "") + ")")
         return phases
+
+    def _cached_hidden(self, batch):
+        """Offline setup: the cached projected states of ``batch`` as a capture-like object
+        (``.hidden[i]``, ``.clear()``)."""
+        import types
+        hidden = {i: self.teacher_targets(phase, batch)
+                  for i, phase in enumerate(p for p in self.phases if p.kind == HIDDEN_MSE)}
+        return types.SimpleNamespace(hidden=hidden, clear=hidden.clear)
 
     def state_dict(self):
         return {**super().state_dict(), "layer_map": [list(p) for p in self.layer_map],

@@ -15,6 +15,10 @@ the phase's loss, in ``DistributedDataParallel`` (re-wrapped because the set of 
 parameters changes). FSDP2 (``TrainConfig(fsdp=True)``): student and teacher sharded with
 ``fully_shard`` once, after the method's setup, and sharded checkpoints
 (:mod:`cex_kernels.distill.fsdp`).
+
+Offline (the method's teacher is a :class:`~cex_kernels.distill.cache.TeacherCache`): no
+teacher model exists; the dataset is wrapped so every batch carries its rows' cached
+targets (:mod:`cex_kernels.distill.offline`), read in the collator.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cex_kernels.distill import checkpoint as ckpt_io
-from cex_kernels.distill import fsdp
+from cex_kernels.distill import fsdp, offline
 from cex_kernels.distill._validate import ConfigError
 from cex_kernels.distill.batch import is_causal_lm
 from cex_kernels.distill.data import PadCollator, forward_inputs, make_batches, to_device
@@ -43,6 +47,9 @@ from cex_kernels.distill.schedule import Phase, format_schedule
 from cex_kernels.distill.train_config import TrainConfig, lr_lambda
 
 
+_NO_TEACHER = nn.Module()  # stands in for the teacher model when training from a cache
+
+
 @dataclass
 class TrainResult:
     phases: List[Phase]
@@ -51,6 +58,18 @@ class TrainResult:
     stopped_early: bool
     records: List[Dict] = field(default_factory=list)
     student_dir: Optional[str] = None    # where the distilled student was saved
+
+
+def default_collator(method: DistillationMethod, pad_token_id: Optional[int] = None) -> PadCollator:
+    """The trainer's (and ``cache_teacher``'s) collator: pad on the right with the student
+    config's pad id (or 0), keep the columns every model's forward takes, causal-LM labels."""
+    student, teacher = method.student, method.teacher
+    pad = pad_token_id
+    if pad is None:
+        pad = getattr(getattr(student, "config", None), "pad_token_id", None) or 0
+    models = (student,) if method.offline else (student, teacher)
+    columns = forward_inputs(*models) if method.forward_fn is default_forward else None
+    return PadCollator(pad, columns=columns, causal_lm=is_causal_lm(student))
 
 
 class _PhaseLoss(nn.Module):
@@ -109,16 +128,17 @@ class Trainer:
             scheduler_factory = lambda opt, n: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731
                 opt, lr_lambda(cfg, n))
         self.scheduler_factory, self.eval_fn = scheduler_factory, eval_fn
-        self.collate_fn = collate_fn or self._default_collator()
+        self.collate_fn = collate_fn or default_collator(method, cfg.pad_token_id)
+        if method.offline:
+            if eval_dataset is not None:
+                raise ConfigError("eval_dataset: a teacher cache holds the training rows only; "
+                                  "evaluate with eval_fn (the student alone) instead")
+            self.dataset = offline.CachedRows(dataset, method.teacher)
+            self.collate_fn = offline.CacheCollator(self.collate_fn, method.teacher)
 
-    def _default_collator(self) -> PadCollator:
-        student, teacher = self.method.student, self.method.teacher
-        pad = self.config.pad_token_id
-        if pad is None:
-            pad = getattr(getattr(student, "config", None), "pad_token_id", None) or 0
-        columns = forward_inputs(student, teacher) \
-            if self.method.forward_fn is default_forward else None
-        return PadCollator(pad, columns=columns, causal_lm=is_causal_lm(student))
+    def _teacher_module(self, phase: Phase) -> nn.Module:
+        """The phase's teacher model (an empty module when training from a cache)."""
+        return _NO_TEACHER if self.method.offline else self.method.teacher_for(phase)
 
     @property
     def checkpoint_path(self) -> Optional[str]:
@@ -165,7 +185,7 @@ class Trainer:
         student.train()
         if self.fsdp:
             fsdp.reshard(student)
-            fsdp.reshard(method.teacher_for(phase))
+            fsdp.reshard(self._teacher_module(phase))
         return out
 
     def _eval_loss(self, phase: Phase) -> Dict[str, float]:
@@ -224,12 +244,12 @@ class Trainer:
             dist.all_reduce(counts)
         norm = (float(counts[0]), float(counts[1]))
         totals: Dict[str, torch.Tensor] = {}
-        with LinearFlopCounter(method.teacher_for(phase), method.student) as counter:
+        with LinearFlopCounter(self._teacher_module(phase), method.student) as counter:
             for micro, (batch, (rows, _)) in enumerate(zip(batches, local)):
                 batch = to_device(batch, device)
                 with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp):
                     targets = method.teacher_targets(phase, batch)
-                if self.fsdp:  # FSDP2 leaves a root unsharded after its forward
+                if self.fsdp and not method.offline:  # FSDP2 leaves a root unsharded
                     fsdp.reshard(method.teacher_for(phase))
                 counter.flops += method.loss_flops(phase, targets, rows)
                 # Only the last micro-batch all-reduces (reduce-scatters) gradients.
@@ -296,7 +316,7 @@ class Trainer:
         if cfg.fsdp and world == 1:
             log.info("train.fsdp: one process, so the models are not sharded")
         torch.manual_seed(cfg.seed + self.rank)
-        teacher = method.teacher
+        teacher = method.teacher if not method.offline else _NO_TEACHER
         teacher_flags = ([m.training for m in teacher.modules()],
                          [p.requires_grad for p in teacher.parameters()])
         try:
@@ -308,7 +328,8 @@ class Trainer:
                 p.requires_grad_(flag)
 
     def _fit(self, cfg, method, device, world) -> TrainResult:
-        method.teacher.to(device).eval().requires_grad_(False)
+        if not method.offline:
+            method.teacher.to(device).eval().requires_grad_(False)
         student = method.student.to(device)
         if cfg.out_dir and self.rank == 0:
             os.makedirs(cfg.out_dir, exist_ok=True)
@@ -319,14 +340,17 @@ class Trainer:
         self.data = make_batches(self.dataset, cfg.batch_size, seed=cfg.seed, rank=self.rank,
                                  world=world, collate_fn=self.collate_fn,
                                  num_workers=cfg.num_workers)
+        if method.offline:  # setup checks every phase's cached targets
+            self.collate_fn.streams = list(method.teacher.streams)
         student.eval()  # setup's probe pass: no dropout, no BatchNorm statistics update
         sample = to_device(self.data.peek(), device)
         phases = method.setup(sample)
         student.train()
         if self.fsdp:  # after setup, which probes the whole models
             fsdp.shard(student, cfg.fsdp_param_dtype, sample=sample, forward_fn=method.forward_fn)
-            fsdp.shard(method.teacher, cfg.fsdp_param_dtype, sample=sample,
-                       forward_fn=method.forward_fn)
+            if not method.offline:
+                fsdp.shard(method.teacher, cfg.fsdp_param_dtype, sample=sample,
+                           forward_fn=method.forward_fn)
         del sample
         samples_per_step = cfg.batch_size * cfg.grad_accum_steps
         for p in phases:
@@ -382,6 +406,9 @@ class Trainer:
                 raise ValueError(f"phase {phase.name!r} continues the previous phase's optimizer "
                                  "but trains other parameters")
             params = method.set_phase_trainable(phase)
+            if method.offline and not cfg.num_workers:  # read only this phase's targets
+                # (DataLoader workers hold their own copy of the collator: they read all)
+                self.collate_fn.streams = [method.cache_stream(phase)]
             if not phase.continues or pi == start_phase:
                 opt = self.optimizer_factory(params)
                 sched = self.scheduler_factory(opt, _chain_steps(phases, pi)) \

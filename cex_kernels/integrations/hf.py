@@ -69,6 +69,10 @@ class DistillationTrainer(transformers.Trainer):
     def __init__(self, method: DistillationMethod, *args, **kwargs):
         if not isinstance(method, DistillationMethod):
             raise TypeError(f"method must be a DistillationMethod, got {type(method).__name__}")
+        if method.offline:
+            raise ValueError("DistillationTrainer needs a teacher model: training from a teacher "
+                             "cache runs in cex_kernels.distill.Trainer (or `cex distill "
+                             "--from-cache`)")
         if "model" in kwargs:
             raise TypeError("DistillationTrainer trains method.student; do not pass model=")
         kwargs.setdefault("data_collator", _default_collator(method))
