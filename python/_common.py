@@ -137,6 +137,28 @@ def first_reaching(points: Sequence[Dict], metric: str, target: float, key: str,
     return None
 
 
+def step_budget_method(name: str, teacher, student, *, steps: int, student_blocks: List[str],
+                       teacher_blocks: List[str], hidden_fraction: float, temperature: float,
+                       seed: int):
+    """``labels`` (hard labels through ``OneShotDistillation``), ``one_shot`` or
+    ``curriculum_extraction`` (student block i <- the teacher block evenly spaced by depth,
+    ``hidden_fraction`` of the steps split over the blocks, then softmax-KL) for ``steps``
+    optimizer steps in all."""
+    from cex_kernels.distill import Budget, CurriculumExtraction, OneShotDistillation
+    if name == "labels":
+        return OneShotDistillation(teacher, student, budget=steps, hard_label_weight=1.0)
+    if name == "one_shot":
+        return OneShotDistillation(teacher, student, budget=steps, temperature=temperature)
+    if name != "curriculum_extraction":
+        raise ValueError(f"unknown method {name!r}")
+    per_block = max(1, int(hidden_fraction * steps / len(student_blocks)))
+    return CurriculumExtraction(
+        teacher, student, {"student": list(student_blocks), "teacher": list(teacher_blocks)},
+        hidden_budget=Budget(steps=per_block),
+        final_budget=Budget(steps=max(1, steps - per_block * len(student_blocks))),
+        temperature=temperature, projection_seed=seed)
+
+
 # -- a tiny transformer the recipes share (plain nn.Linear everywhere, so the trainer's
 #    FLOP counter sees every projection; attention-score matmuls are not counted) -------------
 

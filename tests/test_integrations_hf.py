@@ -224,3 +224,17 @@ def test_two_processes_under_ddp_match_one(tmp_path):
     assert diff <= 1e-6, f"HF DDP (2 processes) vs one: max |Δθ| = {diff:.3g}"
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert ddp["losses"] == pytest.approx(losses, rel=1e-5)
+
+
+def test_a_timeline_progressive_run_is_refused_with_the_reason(tmp_path):
+    """Its phases share one optimizer; a fresh HF train() per phase would reset it."""
+    from cex_kernels.distill import ProgressiveDistillation
+    from cex_kernels.integrations import DistillationTrainer
+    torch.manual_seed(0)
+    teacher, student = gpt2(2, 16), gpt2(1, 16)
+    method = ProgressiveDistillation(teacher, student, [teacher.state_dict()],
+                                     schedule="timeline", checkpoint_steps=[2], multiplier=1,
+                                     total_steps=4)
+    trainer = DistillationTrainer(method, args=hf_args(tmp_path), train_dataset=rows())
+    with pytest.raises(ValueError, match="share one optimizer.*use cex_kernels.distill.Trainer"):
+        trainer.train()

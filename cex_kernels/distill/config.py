@@ -65,7 +65,11 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     #   spaced, or {student_module: teacher_module}; 'name@k' = k-th call of a shared module),
     #   hidden_budget, final_budget, projection_kind (gaussian, rademacher, orthogonal,
     #   identity), projection_seed, freeze_earlier
-    # one_shot: budget. progressive: teacher_checkpoints (paths), checkpoint_budget, final_budget
+    # one_shot: budget. progressive: teacher_checkpoints (paths, earliest first) and either
+    #   schedule: phases (default; checkpoint_budget, final_budget) or schedule: timeline
+    #   (checkpoint_steps: the teacher step of each checkpoint, multiplier: teacher steps per
+    #   student step, total_steps: the student's budget; step t uses the first checkpoint at
+    #   or after t * multiplier, then the final teacher)
     # all: temperature (> 0), hard_label_weight (0..1), vocab_size, shift_labels, backend,
     #   top_k_loss (from a top-k cache: renormalized or tail; a sampled cache: sampled)
     # budgets: an int (steps), a float in (0, 1] (fraction of train.total_steps/total_samples)
@@ -92,7 +96,8 @@ config file schema (YAML or JSON; every key is checked, unknown keys are errors)
     out_dir: null                # metrics.jsonl/csv, tb/, checkpoint-<step>.pt, student/
     overwrite: false             # start over in an out_dir that holds a previous run
     resume: null                 # 'auto' (newest checkpoint in out_dir) or a checkpoint path
-    checkpoint_every: 0          # steps (phase ends and stops always checkpoint)
+    checkpoint_every: 0          # steps (phase ends and stops always checkpoint, except a
+                                 #   progressive timeline's teacher switches)
     keep_checkpoints: 2          # newest checkpoints kept
     stop_after_steps: null       # checkpoint and stop after this global step
     save_student: true           # save_pretrained (safetensors) to out_dir/student at the end

@@ -5,8 +5,9 @@ computes the teacher's targets (under ``inference_mode``) and the student's loss
 
 - :class:`CurriculumExtraction`: one projected-MSE phase per mapped layer pair, then softmax-KL.
 - :class:`OneShotDistillation`: the softmax-KL phase alone.
-- :class:`ProgressiveDistillation`: softmax-KL to each intermediate teacher checkpoint in
-  turn, then to the final teacher (Panigrahi et al., 2024).
+- :class:`ProgressiveDistillation`: softmax-KL to intermediate teacher checkpoints in turn,
+  following the teacher's own timeline or in phases of chosen length, then to the final
+  teacher (Panigrahi et al., 2024).
 
 Offline: every method also takes a :class:`~cex_kernels.distill.cache.TeacherCache` (or
 its directory) as ``teacher`` and then trains with no teacher model in memory
@@ -35,7 +36,8 @@ from cex_kernels.distill.hooks import HiddenStateCapture, first_tensor
 from cex_kernels.distill.cache import CacheError, TeacherCache
 from cex_kernels.distill.layer_map import LayerMapSpec, resolve_layer_map
 from cex_kernels.distill.offline import split_cached, squared_error_sum, strip_cached
-from cex_kernels.distill.schedule import (HIDDEN_MSE, LOGIT_KL, BudgetLike, Phase, as_budget)
+from cex_kernels.distill.schedule import (HIDDEN_MSE, LOGIT_KL, Budget, BudgetLike, Phase,
+                                          as_budget, timeline_segments)
 from cex_kernels.projection import random_projection
 
 PROJECTION_KINDS = ("gaussian", "rademacher", "orthogonal", "identity")
@@ -500,30 +502,96 @@ class OneShotDistillation(DistillationMethod):
 
 
 class ProgressiveDistillation(DistillationMethod):
-    """Softmax-KL to each intermediate teacher checkpoint in turn, then the final teacher.
+    """Softmax-KL to intermediate teacher checkpoints, then the final teacher (Panigrahi et
+    al., 2024). ``teacher_checkpoints``: modules, state dicts (loaded into a copy of
+    ``teacher``), paths to ``torch.save``-d state dicts or ``save_pretrained`` directories,
+    earliest first. Only the checkpoint in use is kept in memory. Two schedules:
 
-    ``teacher_checkpoints``: modules, state dicts (loaded into a copy of ``teacher``),
-    paths to ``torch.save``-d state dicts or ``save_pretrained`` directories, earliest first. ``checkpoint_budget``: one budget
-    for each, or a list. Only the current phase's checkpoint is kept in memory.
+    - ``schedule="timeline"`` (the original's): the student follows the teacher's own
+      training run. ``checkpoint_steps[k]`` is the teacher step at which checkpoint ``k`` was
+      saved (strictly increasing); student step ``t`` (1-based) distils from the first
+      checkpoint with ``checkpoint_steps[k] >= t * multiplier``, and from the final teacher
+      once ``t * multiplier`` is past them all; ``total_steps`` is the student's whole budget
+      (optimizer steps). One optimizer and learning-rate schedule run across the switches
+      (each phase ``continues`` the one before). With checkpoints saved at regular intervals
+      this is progressive distillation as in their parity code; with one intermediate
+      checkpoint (at the teacher's phase transition) it is their "2-shot" variant.
+    - ``schedule="phases"`` (the default, as before): one phase per checkpoint with its own
+      budget (``checkpoint_budget``: one for each or a list; ``final_budget``), each with a
+      fresh optimizer; which checkpoints to give, and when, is the caller's choice.
     """
 
     name = "progressive"
+    SCHEDULES = ("phases", "timeline")
 
     def __init__(self, teacher: nn.Module, student: nn.Module, teacher_checkpoints: Sequence, *,
-                 checkpoint_budget=100, final_budget: BudgetLike = 100, **kwargs):
-        super().__init__(teacher, student, final_budget=final_budget, **kwargs)
+                 schedule: str = "phases", checkpoint_budget=None,
+                 final_budget: Optional[BudgetLike] = None,
+                 checkpoint_steps: Optional[List[int]] = None,
+                 multiplier: Optional[float] = None, total_steps: Optional[int] = None,
+                 **kwargs):
         if not teacher_checkpoints:
             raise ValueError("ProgressiveDistillation needs at least one teacher checkpoint")
+        if schedule not in self.SCHEDULES:
+            raise ValueError(f"schedule must be one of {self.SCHEDULES}, got {schedule!r}")
+        if schedule == "timeline":
+            self._check_timeline(teacher_checkpoints, checkpoint_budget, final_budget,
+                                 checkpoint_steps, multiplier, total_steps)
+            final_budget = total_steps  # replaced by the timeline's own phases
+        else:
+            given = [n for n, v in (("checkpoint_steps", checkpoint_steps),
+                                    ("multiplier", multiplier), ("total_steps", total_steps))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{given} belong to schedule='timeline'; schedule='phases' "
+                                 "takes checkpoint_budget and final_budget")
+            final_budget = 100 if final_budget is None else final_budget
+        super().__init__(teacher, student, final_budget=final_budget, **kwargs)
+        self.schedule = schedule
         self.teacher_checkpoints = list(teacher_checkpoints)
-        b = checkpoint_budget
-        budgets = b if isinstance(b, (list, tuple)) else [b] * len(self.teacher_checkpoints)
-        if len(budgets) != len(self.teacher_checkpoints):
-            raise ValueError(f"checkpoint_budget: {len(budgets)} budgets for "
-                             f"{len(self.teacher_checkpoints)} checkpoints")
-        self.checkpoint_budgets = [as_budget(x) for x in budgets]
+        self.checkpoint_steps = None if checkpoint_steps is None else list(checkpoint_steps)
+        self.multiplier = None if multiplier is None else float(multiplier)
+        self.total_steps = total_steps
+        if schedule == "phases":
+            b = 100 if checkpoint_budget is None else checkpoint_budget
+            budgets = b if isinstance(b, (list, tuple)) else [b] * len(self.teacher_checkpoints)
+            if len(budgets) != len(self.teacher_checkpoints):
+                raise ValueError(f"checkpoint_budget: {len(budgets)} budgets for "
+                                 f"{len(self.teacher_checkpoints)} checkpoints")
+            self.checkpoint_budgets = [as_budget(x) for x in budgets]
         self._loaded = (None, None)
 
+    @staticmethod
+    def _check_timeline(checkpoints, checkpoint_budget, final_budget, steps, multiplier, total):
+        if checkpoint_budget is not None or final_budget is not None:
+            raise ValueError("schedule='timeline' takes its budgets from checkpoint_steps, "
+                             "multiplier and total_steps; do not pass checkpoint_budget or "
+                             "final_budget")
+        if not isinstance(steps, (list, tuple)) or not steps or any(
+                isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in steps):
+            raise ValueError("schedule='timeline' needs checkpoint_steps: the teacher step (an "
+                             f"int >= 0) of each checkpoint, got {steps!r}")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"checkpoint_steps must be strictly increasing, got {list(steps)}")
+        if len(steps) != len(checkpoints):
+            raise ValueError(f"checkpoint_steps: {len(steps)} steps for {len(checkpoints)} "
+                             "checkpoints")
+        if multiplier is None or isinstance(multiplier, bool) or \
+                not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier) \
+                or multiplier <= 0:
+            raise ValueError(f"schedule='timeline' needs multiplier: a finite number > 0 (teacher "
+                             f"steps per student step), got {multiplier!r}")
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"schedule='timeline' needs total_steps: the student's budget in "
+                             f"optimizer steps (an int >= 1), got {total!r}")
+
     def build_phases(self):
+        if self.schedule == "timeline":
+            runs = timeline_segments(self.checkpoint_steps, self.multiplier, self.total_steps)
+            return [Phase(f"teacher step {self.checkpoint_steps[k]}: softmax-KL" if k is not None
+                          else "final teacher: softmax-KL", LOGIT_KL, Budget(steps=n),
+                          teacher_index=k, continues=i > 0)
+                    for i, (k, n) in enumerate(runs)]
         phases = [Phase(f"teacher checkpoint {k}: softmax-KL", LOGIT_KL, b, teacher_index=k)
                   for k, b in enumerate(self.checkpoint_budgets)]
         return phases + [Phase("final teacher: softmax-KL", LOGIT_KL, self.final_budget)]

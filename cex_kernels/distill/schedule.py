@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 
 @dataclass
@@ -72,15 +72,43 @@ LOGIT_KL = "softmax_kl"
 class Phase:
     """One phase. ``kind`` is ``"projected_mse"`` (match pair ``pair`` of the layer map) or
     ``"softmax_kl"`` (match the logits of teacher ``teacher_index``; None = the final teacher).
-    ``steps`` and ``trainable`` (names of the student parameters it updates) are filled in
-    by the method's ``setup``/the trainer."""
+    ``continues``: keep the previous phase's optimizer and learning-rate schedule (same
+    parameters, only the teacher changes; the schedule spans the whole run of continuing
+    phases) instead of starting fresh ones. ``steps`` and ``trainable`` (names of the student
+    parameters it updates) are filled in by the method's ``setup``/the trainer."""
     name: str
     kind: str
     budget: Budget
     pair: Optional[int] = None
     teacher_index: Optional[int] = None
+    continues: bool = False
     steps: int = 0
     trainable: List[str] = field(default_factory=list)
+
+
+def timeline_segments(checkpoint_steps: Sequence[int], multiplier: float,
+                      total_steps: int) -> List[Tuple[Optional[int], int]]:
+    """Progressive distillation's timeline (Panigrahi et al., 2024): student step ``t`` (1, 2,
+    ... ``total_steps``) distils from the first checkpoint ``k`` whose teacher step
+    ``checkpoint_steps[k] >= t * multiplier``, and from the final teacher (``None``) once
+    ``t * multiplier`` is past them all. Returns the runs ``(k or None, steps)`` in order,
+    covering exactly ``total_steps`` steps; checkpoints no student step selects (several
+    within one student step, or beyond ``total_steps``) are left out."""
+    runs: List[Tuple[Optional[int], int]] = []
+    done = 0  # student steps assigned so far
+    for k, c in enumerate(checkpoint_steps):
+        last = int(c // multiplier)  # the largest t with t * multiplier <= c, exactly as compared
+        while (last + 1) * multiplier <= c:
+            last += 1
+        while last > 0 and last * multiplier > c:
+            last -= 1
+        last = min(last, total_steps)
+        if last > done:
+            runs.append((k, last - done))
+            done = last
+    if done < total_steps:
+        runs.append((None, total_steps - done))
+    return runs
 
 
 def format_schedule(phases: List[Phase], samples_per_step: int) -> str:

@@ -1,6 +1,6 @@
 """The training loop shared by every distillation method (nanoGPT-style: one screen, top to
-bottom). Per phase: set the trainable parameters, make a fresh optimizer (and scheduler),
-then steps of ``grad_accum_steps`` micro-batches, each a teacher pass under
+bottom). Per phase: set the trainable parameters, make a fresh optimizer (and scheduler)
+unless the phase ``continues`` the previous one's, then steps of ``grad_accum_steps`` micro-batches, each a teacher pass under
 ``inference_mode`` and a student forward/backward, clipping, logging, eval and checkpoints.
 
 Normalization: every loss is a sum over the real tokens of a micro-batch divided by the
@@ -109,7 +109,8 @@ class Trainer:
     ``eval_dataset``: the phase loss, and the student's cross-entropy and perplexity when
     the rows have labels, logged as ``eval_*``; ``eval_fn(student, phase, global_step) ->
     dict`` (called under ``no_grad`` in eval mode; its numbers are logged). Optimizer and
-    scheduler are rebuilt for every phase.
+    scheduler are rebuilt for every phase, except in a phase that ``continues`` the one before
+    (progressive distillation's timeline, where only the teacher changes).
     """
 
     def __init__(self, method: DistillationMethod, dataset, config: TrainConfig = None, *,
@@ -153,11 +154,10 @@ class Trainer:
         if self.world > 1:  # every rank's dropout stream, so a resume continues each exactly
             rngs = [None] * self.world
             dist.all_gather_object(rngs, ckpt_io.rng_state())
-        opt = opt if step else None
         state = {"method": self.method.state_dict(),
                  "optimizer": opt.state_dict() if opt is not None and not self.fsdp else None,
                  "sharded_optimizer": opt is not None and self.fsdp,
-                 "scheduler": sched.state_dict() if sched is not None and step else None,
+                 "scheduler": sched.state_dict() if sched is not None else None,
                  "phase_index": phase_index, "step": step, "global_step": global_step,
                  "data": self.data.state_dict(), "rng": rngs, "phase_flops": flops,
                  "config": asdict(self.config)}
@@ -402,12 +402,17 @@ class Trainer:
         t0 = time.perf_counter()
         for pi in range(start_phase, len(phases)):
             phase, step = phases[pi], (start_step if pi == start_phase else 0)
+            if phase.continues and pi > 0 and phase.trainable != phases[pi - 1].trainable:
+                raise ValueError(f"phase {phase.name!r} continues the previous phase's optimizer "
+                                 "but trains other parameters")
             params = method.set_phase_trainable(phase)
             if method.offline and not cfg.num_workers:  # read only this phase's targets
                 # (DataLoader workers hold their own copy of the collator: they read all)
                 self.collate_fn.streams = [method.cache_stream(phase)]
-            opt = self.optimizer_factory(params)
-            sched = self.scheduler_factory(opt, phase.steps) if self.scheduler_factory else None
+            if not phase.continues or pi == start_phase:
+                opt = self.optimizer_factory(params)
+                sched = self.scheduler_factory(opt, _chain_steps(phases, pi)) \
+                    if self.scheduler_factory else None
             if ckpt is not None and pi == ckpt["phase_index"] and (
                     ckpt["optimizer"] is not None or ckpt.get("sharded_optimizer")):
                 if ckpt.get("sharded_optimizer"):
@@ -453,13 +458,30 @@ class Trainer:
             if evaluate:
                 metrics.log({"phase_index": pi, "phase": phase.name, "global_step": global_step,
                              "end_of_phase": True, **self._evaluate(phase, global_step)})
-            self._save(pi + 1, 0, global_step, None, None, flops)
+            # A phase end checkpoints, except inside a run of phases sharing one optimizer
+            # (a progressive timeline switches teacher every few steps; checkpoint_every
+            # still applies there) unless the run stops here, with the optimizer then.
+            keep = pi + 1 < len(phases) and phases[pi + 1].continues
+            if not keep or stop:
+                self._save(pi + 1, 0, global_step, opt if keep else None,
+                           sched if keep else None, flops)
             if self.rank == 0:
                 log.info("phase %d (%s) done: %d steps, %.3g FLOPs", pi, phase.name, phase.steps,
                          flops[pi])
             if stop and pi + 1 < len(phases):
                 return True
         return False
+
+
+def _chain_steps(phases: List[Phase], pi: int) -> int:
+    """Steps of the run of phases that share phase ``pi``'s optimizer (``Phase.continues``)."""
+    first = pi
+    while first > 0 and phases[first].continues:
+        first -= 1
+    last = pi
+    while last + 1 < len(phases) and phases[last + 1].continues:
+        last += 1
+    return sum(p.steps for p in phases[first:last + 1])
 
 
 def distill(method: DistillationMethod, dataset, config: TrainConfig = None, **kwargs) -> TrainResult:

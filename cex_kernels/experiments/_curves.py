@@ -12,9 +12,10 @@ from cex_kernels.distill import Trainer, TrainConfig
 def fit_with_curve(method, dataset, *, batch_size: int, lr: float, device: str, seed: int,
                    eval_every: int, evaluate: Callable[[torch.nn.Module], Dict[str, float]],
                    optimizer_factory: Optional[Callable] = None,
-                   max_grad_norm: Optional[float] = None) -> Dict:
+                   max_grad_norm: Optional[float] = None, **train_kwargs) -> Dict:
     """Train with :class:`Trainer`, calling ``evaluate(student)`` every ``eval_every`` steps
-    and at each phase end. Returns ``{"curve": [...], "result": TrainResult, "seconds"}``;
+    and at each phase end (``train_kwargs``: further :class:`TrainConfig` fields, e.g. ``amp``,
+    ``lr_schedule``). Returns ``{"curve": [...], "result": TrainResult, "seconds"}``;
     each curve point has ``step``, ``samples``, ``flops`` (cumulative training matmul FLOPs:
     earlier phases' totals plus the current phase's so far), ``phase`` and the metrics."""
     evals: List[Dict] = []
@@ -26,7 +27,8 @@ def fit_with_curve(method, dataset, *, batch_size: int, lr: float, device: str, 
 
     config = TrainConfig(batch_size=batch_size, lr=lr, device=device, seed=seed,
                          eval_every=eval_every, log_every=eval_every, progress_bar=False,
-                         tensorboard=False, print_schedule=False, max_grad_norm=max_grad_norm)
+                         tensorboard=False, print_schedule=False, max_grad_norm=max_grad_norm,
+                         **train_kwargs)
     t0 = time.perf_counter()
     result = Trainer(method, dataset, config, eval_fn=eval_fn,
                      optimizer_factory=optimizer_factory).fit()

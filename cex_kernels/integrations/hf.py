@@ -99,6 +99,11 @@ class DistillationTrainer(transformers.Trainer):
         method.teacher.to(args.device).eval().requires_grad_(False)
         self.model.eval()  # the probe pass: no dropout
         phases = method.setup(self._sample_batch())
+        if any(p.continues for p in phases):  # each phase here is its own HF train()
+            raise ValueError(f"{method.name}: its phases share one optimizer (e.g. "
+                             "ProgressiveDistillation(schedule='timeline')), which "
+                             "DistillationTrainer cannot do (a fresh HF train() per phase); "
+                             "use cex_kernels.distill.Trainer")
         for proj in getattr(method, "projections", []):
             proj.to(args.device)
         samples_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps
