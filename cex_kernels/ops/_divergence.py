@@ -200,6 +200,13 @@ def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:
                              "with value -inf")
 
 
+def top_k_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
+    """The scatter itself (unchecked): ``(..., vocab)`` logits, -inf off the support."""
+    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
+    # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
+    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+
+
 @torch.library.custom_op("cex::top_k_to_dense", mutates_args=())
 def top_k_to_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
     """``(values (..., k), indices (..., k))`` -> ``(..., vocab)`` logits, -inf off the support.
@@ -210,9 +217,7 @@ def top_k_to_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
     opaque) instead of being skipped there.
     """
     check_top_k_entries(values, indices, vocab)
-    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
-    # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
-    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+    return top_k_dense(values, indices, vocab)
 
 
 @top_k_to_dense.register_fake
@@ -239,6 +244,24 @@ def dense_top_k_teacher(op: str, student, top_k, vocab_size: Optional[int]) -> T
     the softmax over those k entries, every other logit -inf. They are scattered into a
     -inf-filled ``(..., V)`` tensor (differentiable with respect to ``values``) and the dense
     kernels do the rest; -inf entries are exact there (0 log 0 = 0)."""
+    if not isinstance(student, Tensor) or student.dim() < 1:
+        raise ValueError(f"cex_kernels.{op}: student_logits must be a (..., V) tensor")
+    check_top_k_pair(op, student.shape[:-1], top_k, "student_logits")
+    values, indices = top_k
+    vocab = vocab_size if vocab_size is not None else student.shape[-1]
+    _checks.check_same_device(op, student_logits=student, **{"teacher top-k values": values,
+                                                             "teacher top-k indices": indices})
+    if under_functorch_differentiation():  # torch.func cannot differentiate the custom op
+        if not functorch_vmapped():  # vmap cannot read values to check them
+            check_top_k_entries(values, indices, vocab)
+        return top_k_dense(values, indices, vocab)
+    return top_k_to_dense(values, indices, int(vocab))
+
+
+def check_top_k_pair(op: str, lead, top_k, student_name: str = "student_hidden") -> None:
+    """``top_k`` is ``(values (*lead, k), indices (*lead, k))``, integer indices, k >= 1
+    (the values' dtype and device are checked with the other inputs; the entries
+    themselves by :func:`check_top_k_entries`, inside the ops)."""
     if not all(isinstance(x, Tensor) for x in top_k):
         raise TypeError(f"cex_kernels.{op}: teacher_logits must be a torch.Tensor or a top-k "
                         f"pair of tensors (values, indices), got a {type(top_k).__name__} of "
@@ -248,24 +271,13 @@ def dense_top_k_teacher(op: str, student, top_k, vocab_size: Optional[int]) -> T
                          f"{len(top_k)} tensors")
     values, indices = top_k
     _checks.check_tensor(op, "teacher top-k values", values)
-    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+    if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"cex_kernels.{op}: teacher top-k indices must be an int64/int32 tensor, "
-                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if not isinstance(student, Tensor) or student.dim() < 1:
-        raise ValueError(f"cex_kernels.{op}: student_logits must be a (..., V) tensor")
-    vocab = vocab_size if vocab_size is not None else student.shape[-1]
-    if values.shape != indices.shape or values.shape[:-1] != student.shape[:-1]:
+                        f"got {indices.dtype}")
+    if values.shape != indices.shape or values.shape[:-1] != tuple(lead):
         raise ValueError(f"cex_kernels.{op}: top-k values {tuple(values.shape)} and indices "
                          f"{tuple(indices.shape)} must both be (..., k) with the leading dims "
-                         f"of student_logits {tuple(student.shape)}")
+                         f"{tuple(lead)} of {student_name}")
     if values.shape[-1] < 1:  # (k may exceed V with -inf padding; repeats are checked)
         raise ValueError(f"cex_kernels.{op}: a top-k teacher needs k >= 1 entries per row, got 0")
-    _checks.check_same_device(op, student_logits=student, **{"teacher top-k values": values,
-                                                             "teacher top-k indices": indices})
-    if under_functorch_differentiation():  # torch.func cannot differentiate the custom op
-        if not functorch_vmapped():  # vmap cannot read values to check them
-            check_top_k_entries(values, indices, vocab)
-        dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
-        return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
-    return top_k_to_dense(values, indices, int(vocab))
 
