@@ -109,15 +109,12 @@ def impl_label(impl: str) -> str:
 
 
 def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:
-    """Why one of our backends cannot be benchmarked on ``device`` (None: it can)."""
-    from cex_kernels import backends
-    if not backends()[backend]:
-        return f"backend {backend!r} is not available in this install"
-    if backend == "cpu" and device.type != "cpu":
-        return "backend 'cpu' runs on CPU tensors only"
-    if backend in ("cuda", "triton") and device.type != "cuda":
-        return f"backend {backend!r} needs a CUDA device (the Triton interpreter is no benchmark)"
-    return None
+    """Why one of our backends cannot be benchmarked on ``device`` (None: it can). Only
+    where ``backend="auto"`` may pick it: the Triton interpreter is no benchmark."""
+    from cex_kernels import _backends
+    problem = _backends.problem_with(backend, torch.device(device),
+                                     devices=_backends.get(backend).auto_devices)
+    return None if problem is None else problem[1]
 
 
 def clear_grads(inputs: dict) -> None:

@@ -87,16 +87,11 @@ def _backends(args) -> int:
         print(json.dumps(available))
         return 0
     gpu = torch.cuda.is_available()
-    notes = {
-        "triton": ("runs on this GPU" if gpu else
-                   "needs a GPU; on CPU tensors only in the Triton interpreter "
-                   "(TRITON_INTERPRET=1, slow: for tests)"),
-        "cuda": "runs on this GPU" if gpu else "needs a GPU",
-        "cpu": "C++ kernels for CPU tensors",
-        "reference": "eager PyTorch, any device",
-    }
     for name, ok in available.items():
-        note = notes[name] if ok else registry._unavailable_reason(name)
+        entry = registry.get(name)
+        note = entry.note if ok else registry.unavailable_reason(name)
+        if ok and not gpu and not entry.accepts("cpu", entry.auto_devices):
+            note += "; no GPU here"
         print(f"{name:<10} {'yes' if ok else 'no':<4} {note}")
     return 0
 
@@ -247,7 +242,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from cex_kernels import _backends
         if not _backends.backends()["triton"]:
             print(f"cex aot: the Triton kernels cannot be compiled here: "
-                  f"{_backends._unavailable_reason('triton')}", file=sys.stderr)
+                  f"{_backends.unavailable_reason('triton')}", file=sys.stderr)
             return 2
         from cex_kernels.triton import aot
         prog, sys.argv[0] = sys.argv[0], "cex aot"  # aot's argparse names itself from argv[0]

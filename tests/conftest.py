@@ -28,7 +28,7 @@ def _interpreter_broken_reason():
     import numpy
     import triton
     numpy_version = tuple(int(x) for x in numpy.__version__.split(".")[:2])
-    if _backends._triton_version < (3, 7) and numpy_version >= (2, 4):
+    if _backends.TRITON_VERSION < (3, 7) and numpy_version >= (2, 4):
         return (f"Triton {triton.__version__}'s interpreter fails on NumPy {numpy.__version__} "
                 "(int() of a 1-element array); use numpy<2.4 or Triton >= 3.7 to run the "
                 "Triton kernels on the CPU")
@@ -60,20 +60,12 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
-def backend_cases():
-    """(device, backend) pairs that can run here, each a pytest param with an id."""
-    available = cex_kernels.backends()
-    cases = [("cpu", "reference")]
-    if available["cpu"]:
-        cases.append(("cpu", "cpu"))
-    if available["triton"] and _backends.TRITON_INTERPRET:
-        cases.append(("cpu", "triton"))
-    if HAS_CUDA:
-        cases.append(("cuda", "reference"))
-        if available["triton"]:
-            cases.append(("cuda", "triton"))
-        if available["cuda"]:
-            cases.append(("cuda", "cuda"))
+def backend_cases(kernel: str = None):
+    """(device, backend) pairs that can run here (for one kernel slot, or any), each a
+    pytest param with an id; which backend runs where comes from the registry."""
+    devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+    cases = [(d, b.name) for d in devices for b in _backends.REGISTRY
+             if b.problem() is None and b.accepts(d) and (kernel is None or kernel in b.kernels)]
 
     def marks(device, backend):
         if device == "cpu" and backend == "triton" and INTERPRETER_BROKEN:
@@ -135,8 +127,8 @@ def no_triton_reason():
 
 def skip_unsupported(device: str, backend: str, dtype: torch.dtype):
     """Skip combinations a backend does not claim to support (or the interpreter gets wrong)."""
-    if dtype == torch.float64 and backend in ("triton", "cuda"):
-        pytest.skip(f"{backend} supports fp32/fp16/bf16 only")
+    if dtype not in _backends.get(backend).dtypes:
+        pytest.skip(f"{backend} does not support {dtype}")
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly (triton issue 11584); "
                     "bf16 Triton runs in the CUDA test run")

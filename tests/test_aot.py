@@ -51,7 +51,7 @@ def _triton_version(python):
                                               for p in EXTRA_PYTHONS])
 def test_triton_kernels_compile_for_sm80_and_sm90(python, tmp_path):
     if not cex_kernels.backends()["triton"]:
-        pytest.skip(_backends._unavailable_reason("triton"))
+        pytest.skip(_backends.unavailable_reason("triton"))
     version = _triton_version(python)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # really compile, every time

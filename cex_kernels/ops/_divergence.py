@@ -39,6 +39,7 @@ requested gradient (an inf loss is legal and left as it is).
 """
 # No `from __future__ import annotations` here: torch 2.6 cannot infer a custom op's
 # schema from string annotations.
+from collections.abc import Mapping
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -52,28 +53,21 @@ REDUCTIONS = ("batchmean", "sum", "none")
 DIRECTIONS = ("forward", "reverse", "symmetric")
 
 
-def _rows_triton(*args):
-    from cex_kernels.triton import softmax_kl as triton_softmax_kl
-    return triton_softmax_kl.softmax_kl_fwd(*args)
+class _UnitInnerStride(Mapping):
+    """``{backend: needs a unit inner stride}``, read from the registry (for callers that
+    index it by name; new code calls ``_backends.needs_unit_inner_stride``)."""
+
+    def __getitem__(self, name):
+        return _backends.needs_unit_inner_stride(name)
+
+    def __iter__(self):
+        return iter(_backends.names())
+
+    def __len__(self):
+        return len(_backends.names())
 
 
-def _rows_cpu(*args):
-    return _backends._C.softmax_kl_fwd_cpu(*args)
-
-
-def _rows_cuda(student, teacher, row_weight, inv_temperature, beta, symmetric, grad_student,
-               grad_teacher):
-    with torch.cuda.device(student.device):
-        stream = torch.cuda.current_stream(student.device).cuda_stream
-        return _backends._C.softmax_kl_fwd_cuda(student, teacher, row_weight, inv_temperature,
-                                                beta, symmetric, grad_student, grad_teacher,
-                                                stream)
-
-
-ROW_KERNELS = {"triton": _rows_triton, "cuda": _rows_cuda, "cpu": _rows_cpu,
-               "reference": reference.softmax_kl_rows}
-# Which backends index rows with a single stride (they need unit stride along V).
-NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "reference": False}
+NEEDS_UNIT_INNER_STRIDE = _UnitInnerStride()
 
 
 def divergence_rows(backend: str, student: Tensor, teacher: Tensor, row_weight: Tensor,
@@ -83,7 +77,7 @@ def divergence_rows(backend: str, student: Tensor, teacher: Tensor, row_weight: 
     launch; beta = 1 (reverse KL, also the symmetric KL with forward weight 0) is beta = 0
     with the roles, and the gradients, swapped. The symmetric KL with beta = 0 is the
     forward KL."""
-    kernel = ROW_KERNELS[backend]
+    kernel = _backends.kernel(backend, "softmax_kl")
     if beta == 1.0:
         rows, grad_t, grad_s = kernel(teacher, student, row_weight, 1.0 / temperature, 0.0,
                                       False, grad_teacher, grad_student)

@@ -26,28 +26,6 @@ from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _fwd_triton(*args):
-    from cex_kernels.triton import projected_mse as triton_projected_mse
-    return triton_projected_mse.projected_mse_fwd(*args)
-
-
-def _fwd_cuda(student, teacher, projection, grad_scale, compute_grad):
-    with torch.cuda.device(student.device):
-        stream = torch.cuda.current_stream(student.device).cuda_stream
-        return _backends._C.projected_mse_fwd_cuda(student, teacher, projection, grad_scale,
-                                                   compute_grad, stream)
-
-
-def _fwd_cpu(*args):
-    return _backends._C.projected_mse_fwd_cpu(*args)
-
-
-_KERNELS = {"triton": _fwd_triton, "cuda": _fwd_cuda, "cpu": _fwd_cpu,
-            "reference": reference.projected_mse_rows}
-# Which backends index rows with a single stride (they need unit stride along d).
-_NEEDS_UNIT_INNER_STRIDE = {"triton": False, "cuda": True, "cpu": True, "reference": False}
-
-
 def _grad_scale(reduction: str, numel: int, dtype: torch.dtype) -> float:
     # d(loss)/d(student) = grad_scale * (student - teacher @ projection) for a unit upstream
     # gradient ("none": per row, before the upstream gradient's own row factor). fp16 keeps
@@ -65,9 +43,9 @@ def projected_mse_op(student: Tensor, teacher: Tensor, projection: Tensor, reduc
     internal (the gradient for a unit upstream gradient; for fp16 with reduction "mean",
     before the 1/numel that backward applies)."""
     numel = student.numel()
-    row_sq_err, grad = _KERNELS[backend](student, teacher, projection,
-                                         _grad_scale(reduction, numel, student.dtype),
-                                         compute_grad)
+    fwd = _backends.kernel(backend, "projected_mse")
+    row_sq_err, grad = fwd(student, teacher, projection,
+                           _grad_scale(reduction, numel, student.dtype), compute_grad)
     if reduction == "none":
         loss = row_sq_err
     elif reduction == "sum":
@@ -198,7 +176,7 @@ def projected_mse(student: Tensor, teacher: Tensor, projection: Tensor, *,
     if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
         return reference.projected_mse(student, teacher, projection, reduction).to(out_dtype)
     backend = _backends.resolve_backend(op, backend, device, dtype)
-    unit = _NEEDS_UNIT_INNER_STRIDE[backend]
+    unit = _backends.needs_unit_inner_stride(backend)
     s2 = _checks.as_rows(student, unit_inner_stride=unit)
     t2 = _checks.as_rows(teacher, unit_inner_stride=unit)
     p2 = _checks.as_rows(projection, unit_inner_stride=unit)

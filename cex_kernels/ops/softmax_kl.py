@@ -173,7 +173,7 @@ def _divergence_loss(op: str, student: Tensor, teacher, beta: float, symmetric: 
         return loss.to(out_dtype)
 
     backend = _backends.resolve_backend(op, backend, device, dtype)
-    unit = _divergence.NEEDS_UNIT_INNER_STRIDE[backend]
+    unit = _backends.needs_unit_inner_stride(backend)
     s2 = _checks.as_rows(student, unit_inner_stride=unit)
     t2 = _checks.as_rows(teacher, unit_inner_stride=unit)
     grad_student = torch.is_grad_enabled() and student.requires_grad
