@@ -108,11 +108,13 @@ def impl_label(impl: str) -> str:
     return IMPL_LABELS[base] + (f" ({option})" if option else "")
 
 
-def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:
-    """Why one of our backends cannot be benchmarked on ``device`` (None: it can). Only
-    where ``backend="auto"`` may pick it: the Triton interpreter is no benchmark."""
+def backend_skip_reason(backend: str, device: torch.device,
+                        kernel: Optional[str] = None) -> Optional[str]:
+    """Why one of our backends cannot be benchmarked on ``device`` (None: it can), or cannot
+    run kernel slot ``kernel``. Only where ``backend="auto"`` may pick it: the Triton
+    interpreter is no benchmark."""
     from cex_kernels import _backends
-    problem = _backends.problem_with(backend, torch.device(device),
+    problem = _backends.problem_with(backend, torch.device(device), kernel=kernel,
                                      devices=_backends.get(backend).auto_devices)
     return None if problem is None else problem[1]
 

@@ -1,8 +1,9 @@
-"""Benchmark grids of ``softmax_kl`` and ``linear_kl`` (registered in ``bench_specs.OPS``).
+"""Benchmark grids of ``softmax_kl``, ``tvd`` and ``linear_kl`` (registered in ``bench_specs.OPS``).
 
 Baselines: ``eager`` (log-softmaxes + ``F.kl_div``, the output layer materialized for
 ``linear_kl``), ``torch.compile`` of the same function, and Liger-Kernel when it imports
-and the device is CUDA (``LigerKLDIVLoss`` with its log-softmaxes counted in;
+and the device is CUDA (``LigerKLDIVLoss`` with its log-softmaxes counted in,
+``LigerTVDLoss`` with its softmaxes;
 ``LigerFusedLinearJSD``, which takes the teacher as hidden states + head).
 """
 from __future__ import annotations
@@ -184,6 +185,81 @@ SOFTMAX_KL = OpSpec(
           "time; % copy BW: that over the measured copy bandwidth (read + write), the "
           "roofline of this memory-bound op. FLOPs (JSON only) are nominal: 10 per logit "
           "fwd, 12 fwd+bwd.")
+
+
+# --------------------------------------------------------------------------- tvd
+
+def eager_tvd(student_logits, teacher_logits, temperature: float = TEMPERATURE):
+    """The eager baseline: 1/2 sum |softmax(s/T) - softmax(t/T)|, mean over rows."""
+    p = F.softmax(student_logits / temperature, -1)
+    q = F.softmax(teacher_logits / temperature, -1)
+    return 0.5 * (p - q).abs().sum(-1).mean()
+
+
+def _liger_tvd(student_logits, teacher_logits):
+    """``LigerTVDLoss`` (batchmean) on the two softmaxes (it takes probabilities)."""
+    if "tvd" not in _LIGER_MODULES:
+        from liger_kernel.transformers.tvd import LigerTVDLoss
+        _LIGER_MODULES["tvd"] = LigerTVDLoss(reduction="batchmean")
+    return _LIGER_MODULES["tvd"](F.softmax(student_logits / TEMPERATURE, -1),
+                                 F.softmax(teacher_logits / TEMPERATURE, -1))
+
+
+def _tvd_skip_reason(impl: str, device: torch.device) -> Optional[str]:
+    if impl in ("eager", "torch.compile", "reference", "liger"):
+        return _skip_reason(impl, device)
+    return backend_skip_reason(impl, device, kernel="tvd")  # cuda has no TVD kernel
+
+
+def _tvd_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]:
+    """One timed call (fwd+bwd clears ``student.grad`` first, as for softmax_kl)."""
+    import cex_kernels
+    s, t = inputs["student"], inputs["teacher"]
+    if impl == "eager":
+        loss_fn = eager_tvd
+    elif impl == "torch.compile":
+        loss_fn = compiled(eager_tvd)
+    elif impl == "liger":
+        loss_fn = _liger_tvd
+    else:
+        def loss_fn(s, t):
+            return cex_kernels.tvd(s, t, temperature=TEMPERATURE, backend=impl)
+    if case.mode == "fwd":
+        return lambda: loss_fn(s, t)
+
+    def fwd_bwd():
+        s.grad = None
+        loss_fn(s, t).backward()
+    return fwd_bwd
+
+
+TVD_FLOPS_PER_ELEMENT = {"fwd": 16, "fwd+bwd": 24}
+
+
+def _tvd_flops(case: Case) -> int:
+    # Nominal (memory-bound op): per logit, 4 for each of the two softmax statistics (max,
+    # subtract, exp, sum), 8 for the three sums of the distance pass (2 exp, |p - q|, the
+    # sign, two products); fwd+bwd +8 for the gradient pass. The kernels' docstrings count
+    # the same way (triton/softmax_kl.py tvd_fwd_kernel, csrc/cpu/softmax_kl.cpp).
+    return TVD_FLOPS_PER_ELEMENT[case.mode] * case.sizes["N"] * case.sizes["V"]
+
+
+TVD = OpSpec(
+    name="tvd",
+    shapes={"cpu": [dict(N=1024, V=32000), dict(N=512, V=128256)],
+            "cuda": [dict(N=8192, V=131072), dict(N=4096, V=256000)]},
+    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
+    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    skip_reason=_tvd_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_tvd_step,
+    flops=_tvd_flops, min_bytes=_softmax_kl_min_bytes,
+    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
+    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"),
+    notes=f"Temperature {TEMPERATURE}, total variation distance of the softmaxes, mean over "
+          "rows. GB/s: minimal bytes (read both logits once; fwd+bwd also writes the "
+          "student's N x V gradient) over the median time; % copy BW: that over the measured "
+          "copy bandwidth, the roofline of this memory-bound op. FLOPs (JSON only) are "
+          "nominal: 16 per logit fwd, 24 fwd+bwd. The cuda backend has no TVD kernel "
+          "(skipped); Liger's TVD takes probabilities, so its row counts the softmaxes.")
 
 
 # --------------------------------------------------------------------------- linear_kl

@@ -8,7 +8,7 @@ measure the same cases.
 
 Layout: the framework's pieces (:class:`Case`, :class:`OpSpec`, :func:`rates`, ...) are in
 :mod:`cex_kernels.bench_core`, the grids in ``bench_ops_mse.py`` (``projected_mse``) and
-``bench_ops_kl.py`` (``softmax_kl``, ``linear_kl``), plots in ``bench_plot.py``;
+``bench_ops_kl.py`` (``softmax_kl``, ``tvd``, ``linear_kl``), plots in ``bench_plot.py``;
 measurement itself is in :mod:`cex_kernels.bench_utils`. This module re-exports them all.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from cex_kernels.bench_core import (METRICS, MODES, Case, OpSpec, backend_skip_reason,  # noqa: F401
                                     clear_grads, compiled, default_repeats, rates)
-from cex_kernels.bench_ops_kl import (LINEAR_KL, SOFTMAX_KL, eager_linear_kl,  # noqa: F401
+from cex_kernels.bench_ops_kl import (LINEAR_KL, SOFTMAX_KL, TVD, eager_linear_kl,  # noqa: F401
                                       eager_softmax_kl)
 from cex_kernels.bench_ops_mse import PROJECTED_MSE, eager_projected_mse  # noqa: F401
 from cex_kernels.bench_ops_train import TRAIN_STEP
@@ -32,8 +32,8 @@ from cex_kernels.bench_utils import (NOISY_SPREAD, MiB, device_name, environment
 # Seconds of timed calls per cell (all implementations together), quick and full grids.
 DEFAULT_BUDGET_S = {"quick": 0.5, "full": 2.0}
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, LINEAR_KL,
-                                                         TRAIN_STEP)}
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, TVD,
+                                                         LINEAR_KL, TRAIN_STEP)}
 
 
 # --------------------------------------------------------------------------- report

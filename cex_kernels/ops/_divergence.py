@@ -169,6 +169,92 @@ def row_weights(keep: Tensor, dtype: torch.dtype, reduction: str, coefficient: f
     return RowWeights(kept * (coefficient * scale), divisor / scale)
 
 
+class Rows(NamedTuple):
+    """What :func:`prepare_rows` hands a row-divergence op: 2-D logits in the layout the
+    backend needs, the row weights, which gradients to compute, and how to shape the result."""
+    student: Tensor
+    teacher: Tensor
+    weights: RowWeights
+    temperature: float
+    grad_student: bool
+    grad_teacher: bool
+    backend: str
+    lead: tuple
+    out_dtype: torch.dtype
+
+    def output(self, loss: Tensor, reduction: str) -> Tensor:
+        loss = loss.to(self.out_dtype)
+        return loss.reshape(self.lead) if reduction == "none" else loss
+
+
+def prepare_rows(op: str, student: Tensor, teacher, *, temperature, reduction, mask, labels,
+                 ignore_index, scale_by_t2, vocab_size, backend, eager, grad_bound):
+    """The checks and preparation every divergence between two logit tensors shares
+    (``softmax_kl``, ``jsd``, ``tvd``): options, a top-k teacher, dtypes under autocast,
+    shapes and ``vocab_size``, row masks, the backend (resolved for ``op``'s kernel slot) and
+    the row weights. ``grad_bound(grad_student, grad_teacher)`` bounds |dL/dz| at T = 1 (sizes
+    fp16's storage scale). Returns :class:`Rows`; under a differentiating torch.func
+    transform, ``eager(student, teacher, temperature=, reduction=, mask=, labels=,
+    ignore_index=, scale_by_t2=)`` (the eager formula, differentiable) in the output dtype."""
+    temperature, ignore_index, scale_by_t2 = check_options(
+        op, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, backend=backend)
+    vocab_size = check_vocab_size(op, vocab_size)
+    if isinstance(teacher, (tuple, list)):
+        teacher = dense_top_k_teacher(op, student, teacher, vocab_size)
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        _checks.check_tensor(op, name, t)
+    autocast = _checks.autocast_dtype(student.device) is not None
+    if autocast and student.dtype != teacher.dtype:
+        # Under autocast, as autocast does for its fp32 loss ops: compute in the wider dtype.
+        wide = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(wide), teacher.to(wide)
+    dtype = _checks.check_same_dtype(op, student_logits=student, teacher_logits=teacher)
+    extra = {}
+    if mask is not None:
+        extra["mask"] = mask
+    if labels is not None:
+        extra["labels"] = labels
+    _checks.check_row_selectors(op, student.shape[:-1], mask, labels)
+    device = _checks.check_same_device(op, student_logits=student, teacher_logits=teacher,
+                                       **extra)
+    if student.dim() < 1 or teacher.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"cex_kernels.{op}: student_logits {tuple(student.shape)} and "
+                         f"teacher_logits {tuple(teacher.shape)} must have the same leading "
+                         "dimensions (..., V)")
+    v_s, v_t = student.shape[-1], teacher.shape[-1]
+    if vocab_size is not None:
+        if not vocab_size <= min(v_s, v_t):
+            raise ValueError(f"cex_kernels.{op}: vocab_size={vocab_size} must be in [1, "
+                             f"min(student V={v_s}, teacher V={v_t})]")
+        student, teacher = student[..., :vocab_size], teacher[..., :vocab_size]
+    elif v_s != v_t:
+        raise ValueError(f"cex_kernels.{op}: student vocabulary size {v_s} differs from teacher "
+                         f"vocabulary size {v_t} (shapes {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}); pass vocab_size= to compare the first "
+                         "vocab_size entries of both")
+    elif v_s == 0:
+        raise ValueError(f"cex_kernels.{op}: empty vocabulary, shape {tuple(student.shape)}")
+    lead = student.shape[:-1]
+    out_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype
+
+    if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
+        return eager(student, teacher, temperature=temperature, reduction=reduction, mask=mask,
+                     labels=labels, ignore_index=ignore_index,
+                     scale_by_t2=scale_by_t2).to(out_dtype)
+
+    backend = _backends.resolve_backend(op, backend, device, dtype)
+    unit = _backends.needs_unit_inner_stride(backend)
+    grad_student = torch.is_grad_enabled() and student.requires_grad
+    grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
+    keep = kept_rows(lead, device, mask, labels, ignore_index)
+    weights = row_weights(keep, dtype, reduction, temperature ** 2 if scale_by_t2 else 1.0,
+                          grad_bound=grad_bound(grad_student, grad_teacher) / temperature)
+    return Rows(_checks.as_rows(student, unit_inner_stride=unit),
+                _checks.as_rows(teacher, unit_inner_stride=unit), weights, temperature,
+                grad_student, grad_teacher, backend, lead, out_dtype)
+
+
 # --- the top-k teacher ----------------------------------------------------------------------
 
 def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:

@@ -48,6 +48,7 @@ from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save
                                        under_functorch_differentiation)
 
 TEACHER_KINDS = ("logits", "hidden", "top_k")
+DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 class RowLoss(NamedTuple):

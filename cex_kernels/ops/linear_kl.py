@@ -20,11 +20,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from cex_kernels import _checks, reference
+from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence, _fused_linear
-from cex_kernels.ops._fused_linear import Prepared
+from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared  # noqa: F401
 
-DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 ALGORITHMS = ("auto", "chunked", "tiled")
 
 
@@ -200,7 +199,7 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
         ignore_index=opts["ignore_index"], temperature=temperature, reduction=reduction,
         scale_by_t2=opts["scale_by_t2"], soft=soft, hard=hard, return_parts=return_parts,
         grad_bound=grad_bound, backend=backend, eager=eager,
-        unit_teacher_stride=lambda b: _divergence.NEEDS_UNIT_INNER_STRIDE[b]
+        unit_teacher_stride=lambda b: _backends.needs_unit_inner_stride(b)
         or opts["algorithm"] == "tiled")
     if not isinstance(prep, Prepared):
         return prep
