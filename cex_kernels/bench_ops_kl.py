@@ -142,6 +142,12 @@ def _softmax_kl_step(impl: str, case: Case, inputs: dict) -> Callable[[], object
     else:
         def loss_fn(s, t):
             return cex_kernels.softmax_kl(s, t, temperature=TEMPERATURE, backend=impl)
+    return _logits_step(loss_fn, case, s, t)
+
+
+def _logits_step(loss_fn, case: Case, s, t) -> Callable[[], object]:
+    """The timed call of a loss of two logit tensors: forward, or forward and backward
+    with ``s.grad`` cleared first (so every call allocates it)."""
     if case.mode == "fwd":
         return lambda: loss_fn(s, t)
 
@@ -167,19 +173,23 @@ def _softmax_kl_min_bytes(case: Case) -> int:
     return elems * itemsize(case.dtype)
 
 
+# What the grids of the memory-bound losses of two logit tensors share.
+_LOGITS_SPEC = dict(
+    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
+    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
+    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"))
+
 SOFTMAX_KL = OpSpec(
     name="softmax_kl",
     shapes={"cpu": [dict(N=4096, V=32000), dict(N=1024, V=50257), dict(N=2048, V=128256)],
             "cuda": [dict(N=8192, V=131072), dict(N=16384, V=32000), dict(N=4096, V=256000)]},
-    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
-    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    **_LOGITS_SPEC,
     # The JSD is timed on the GPU grid (the CPU grid keeps to forward KL: its reference
     # rows alone take minutes); `cex bench --op softmax_kl` on a CUDA machine runs both.
     variants={"cpu": ("kl",), "cuda": ("kl", "jsd")},
     skip_reason=_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_softmax_kl_step,
     flops=_softmax_kl_flops, min_bytes=_softmax_kl_min_bytes,
-    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
-    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"),
     notes=f"Temperature {TEMPERATURE}, forward KL (variant kl) or JSD beta 0.5 (variant jsd), batchmean. GB/s: minimal bytes (read both "
           "logits once; fwd+bwd also writes the student's N x V gradient) over the median "
           "time; % copy BW: that over the measured copy bandwidth (read + write), the "
@@ -224,13 +234,7 @@ def _tvd_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]:
     else:
         def loss_fn(s, t):
             return cex_kernels.tvd(s, t, temperature=TEMPERATURE, backend=impl)
-    if case.mode == "fwd":
-        return lambda: loss_fn(s, t)
-
-    def fwd_bwd():
-        s.grad = None
-        loss_fn(s, t).backward()
-    return fwd_bwd
+    return _logits_step(loss_fn, case, s, t)
 
 
 TVD_FLOPS_PER_ELEMENT = {"fwd": 16, "fwd+bwd": 24}
@@ -248,12 +252,9 @@ TVD = OpSpec(
     name="tvd",
     shapes={"cpu": [dict(N=1024, V=32000), dict(N=512, V=128256)],
             "cuda": [dict(N=8192, V=131072), dict(N=4096, V=256000)]},
-    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
-    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile", "liger"),
+    **_LOGITS_SPEC,
     skip_reason=_tvd_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_tvd_step,
     flops=_tvd_flops, min_bytes=_softmax_kl_min_bytes,
-    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
-    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"),
     notes=f"Temperature {TEMPERATURE}, total variation distance of the softmaxes, mean over "
           "rows. GB/s: minimal bytes (read both logits once; fwd+bwd also writes the "
           "student's N x V gradient) over the median time; % copy BW: that over the measured "

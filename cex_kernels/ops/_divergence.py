@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
-from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped,
+from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped, scale_saved,
                                         under_functorch_differentiation)
 
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -167,6 +167,37 @@ def row_weights(keep: Tensor, dtype: torch.dtype, reduction: str, coefficient: f
     divisor = 1.0 / count if reduction == "batchmean" else torch.ones((), dtype=acc,
                                                                           device=keep.device)
     return RowWeights(kept * (coefficient * scale), divisor / scale)
+
+
+def reduce_row_loss(row_loss: Tensor, reduction: str, out_scale: Optional[Tensor]) -> Tensor:
+    """A row-divergence op's loss from its kernel's row losses (``"none"``: per row)."""
+    loss = row_loss if reduction == "none" else row_loss.sum()
+    return loss if out_scale is None else loss * out_scale.to(loss.dtype)
+
+
+def fake_row_outputs(student: Tensor, teacher: Tensor, reduction: str, grad_student: bool,
+                     grad_teacher: bool):
+    """A row-divergence op's ``(loss, grad_student, grad_teacher)`` shapes, for its fake."""
+    acc = _checks.accumulation_dtype(student.dtype)
+    return (student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=acc),
+            student.new_empty(tuple(student.shape) if grad_student else (0,)),
+            teacher.new_empty(tuple(teacher.shape) if grad_teacher else (0,)))
+
+
+def scale_stored_gradients(op: str, out: list, needed, computed, stored, grad_loss: Tensor,
+                           reduction: str, out_scale: Optional[Tensor]) -> tuple:
+    """A row-divergence op's backward: each needed input's stored unit gradient times the
+    upstream gradient (per row for ``"none"``) and ``out_scale``, written into ``out``."""
+    factor = grad_loss[:, None] if reduction == "none" else grad_loss
+    if out_scale is not None:
+        factor = factor.float() * out_scale
+    for i in needed:
+        if not computed[i]:
+            raise RuntimeError(f"cex::{op} was called without the gradient of input {i} "
+                               f"({'student' if i == 0 else 'teacher'}), so it kept none; "
+                               f"call cex_kernels.{op}, which sets the flags")
+        out[i] = scale_saved(stored[i], factor)
+    return tuple(out)
 
 
 class Rows(NamedTuple):

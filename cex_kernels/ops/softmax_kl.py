@@ -18,7 +18,7 @@ from torch import Tensor
 from cex_kernels import _checks, reference
 from cex_kernels.ops import _divergence
 from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors, scale_saved)
+                                       saved_tensors)
 from cex_kernels.ops._divergence import DIRECTIONS, REDUCTIONS  # noqa: F401  (re-exported)
 
 
@@ -37,20 +37,13 @@ def softmax_kl_op(student: Tensor, teacher: Tensor, row_weight: Tensor,
     row_loss, grad_s, grad_t = _divergence.divergence_rows(
         backend, student, teacher, row_weight, temperature, beta, symmetric, grad_student,
         grad_teacher)
-    loss = row_loss if reduction == "none" else row_loss.sum()
-    if out_scale is not None:
-        loss = loss * out_scale.to(loss.dtype)
-    return loss, grad_s, grad_t
+    return _divergence.reduce_row_loss(row_loss, reduction, out_scale), grad_s, grad_t
 
 
 @softmax_kl_op.register_fake
 def _(student, teacher, row_weight, out_scale, temperature, beta, symmetric, reduction,
       backend, grad_student, grad_teacher):
-    loss_shape = (student.shape[0],) if reduction == "none" else ()
-    acc = _checks.accumulation_dtype(student.dtype)
-    return (student.new_empty(loss_shape, dtype=acc),
-            student.new_empty(tuple(student.shape) if grad_student else (0,)),
-            teacher.new_empty(tuple(teacher.shape) if grad_teacher else (0,)))
+    return _divergence.fake_row_outputs(student, teacher, reduction, grad_student, grad_teacher)
 
 
 def _setup_context(ctx, inputs, output):
@@ -91,16 +84,9 @@ def _backward(ctx, grad_loss, _gs, _gt):
         for i, g in zip(needed, grads):
             out[i] = g.to(inputs[i].dtype)
         return tuple(out)
-    factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
-    if out_scale is not None:
-        factor = factor.float() * out_scale
-    for i in needed:
-        if not ctx.computed[i]:
-            raise RuntimeError("cex::softmax_kl was called without the gradient of input "
-                               f"{i} ({'student' if i == 0 else 'teacher'}), so it kept none; "
-                               "call cex_kernels.softmax_kl, which sets the flags")
-        out[i] = scale_saved((grad_s, grad_t)[i], factor)
-    return tuple(out)
+    return _divergence.scale_stored_gradients("softmax_kl", out, needed, ctx.computed,
+                                              (grad_s, grad_t), grad_loss, ctx.reduction,
+                                              out_scale)
 
 
 softmax_kl_op.register_autograd(_backward, setup_context=_setup_context)

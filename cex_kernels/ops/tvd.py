@@ -39,7 +39,7 @@ from torch import Tensor
 from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence, _fused_linear
 from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors, scale_saved)
+                                       saved_tensors)
 from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared
 
 # |dL/dz| <= 1 per logit at T = 1 (sizes fp16's storage scale; 2 leaves a factor of room).
@@ -62,19 +62,13 @@ def tvd_op(student: Tensor, teacher: Tensor, row_weight: Tensor, out_scale: Opti
     (for a unit upstream gradient, before ``out_scale``), empty unless asked for."""
     row_loss, grad_s, grad_t = _rows(backend, student, teacher, row_weight, temperature,
                                      grad_student, grad_teacher)
-    loss = row_loss if reduction == "none" else row_loss.sum()
-    if out_scale is not None:
-        loss = loss * out_scale.to(loss.dtype)
-    return loss, grad_s, grad_t
+    return _divergence.reduce_row_loss(row_loss, reduction, out_scale), grad_s, grad_t
 
 
 @tvd_op.register_fake
 def _(student, teacher, row_weight, out_scale, temperature, reduction, backend, grad_student,
       grad_teacher):
-    acc = _checks.accumulation_dtype(student.dtype)
-    return (student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=acc),
-            student.new_empty(tuple(student.shape) if grad_student else (0,)),
-            teacher.new_empty(tuple(teacher.shape) if grad_teacher else (0,)))
+    return _divergence.fake_row_outputs(student, teacher, reduction, grad_student, grad_teacher)
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,15 +96,9 @@ def _backward(ctx, grad_loss, _gs, _gt):
         for i, g in zip(needed, grads):
             out[i] = g.to(inputs[i].dtype)
         return tuple(out)
-    factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
-    if out_scale is not None:
-        factor = factor.float() * out_scale
-    for i in needed:
-        if not ctx.computed[i]:
-            raise RuntimeError(f"cex::tvd was called without the gradient of input {i}, so it "
-                               "kept none; call cex_kernels.tvd, which sets the flags")
-        out[i] = scale_saved((grad_s, grad_t)[i], factor)
-    return tuple(out)
+    return _divergence.scale_stored_gradients("tvd", out, needed, ctx.computed,
+                                              (grad_s, grad_t), grad_loss, ctx.reduction,
+                                              out_scale)
 
 
 tvd_op.register_autograd(_backward, setup_context=_setup_context)

@@ -94,6 +94,25 @@ def _fill_row(g_ptr, V, value, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm, stride_tm, stride_gsm, stride_gtm):
+    """This program's row and the four row pointers moved to it (64-bit offsets: N * V may
+    exceed 2^31)."""
+    row = tl.program_id(0).to(tl.int64)
+    return (row, s_ptr + row * stride_sm, t_ptr + row * stride_tm, gs_ptr + row * stride_gsm,
+            gt_ptr + row * stride_gtm)
+
+
+@triton.jit
+def _fill_gradients(gs_ptr, gt_ptr, V, value, WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """Each requested gradient row set to ``value`` (0 for a dropped row, NaN for a NaN loss)."""
+    if WRITE_GS:
+        _fill_row(gs_ptr, V, value, BLOCK_V)
+    if WRITE_GT:
+        _fill_row(gt_ptr, V, value, BLOCK_V)
+
+
+@triton.jit
 def _log_mixture(ls, lt, log_b, log_1mb):
     a = lt + log_b
     b = ls + log_1mb
@@ -110,19 +129,13 @@ def softmax_kl_fwd_kernel(
     IS_JSD: tl.constexpr, IS_SYM: tl.constexpr, WRITE_GS: tl.constexpr,
     WRITE_GT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: N * V may exceed 2^31
-    s_ptr += row * stride_sm
-    t_ptr += row * stride_tm
-    gs_ptr += row * stride_gsm
-    gt_ptr += row * stride_gtm
+    row, s_ptr, t_ptr, gs_ptr, gt_ptr = _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm,
+                                                  stride_tm, stride_gsm, stride_gtm)
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
     if w == 0.0:  # dropped row: write zeros, read nothing
         tl.store(loss_ptr + row, 0.0)
-        if WRITE_GS:
-            _fill_row(gs_ptr, V, 0.0, BLOCK_V)
-        if WRITE_GT:
-            _fill_row(gt_ptr, V, 0.0, BLOCK_V)
+        _fill_gradients(gs_ptr, gt_ptr, V, 0.0, WRITE_GS, WRITE_GT, BLOCK_V)
     else:
         ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
         mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
@@ -163,10 +176,7 @@ def softmax_kl_fwd_kernel(
             loss = kt
         tl.store(loss_ptr + row, w * loss)
         if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
-            if WRITE_GS:
-                _fill_row(gs_ptr, V, float("nan"), BLOCK_V)
-            if WRITE_GT:
-                _fill_row(gt_ptr, V, float("nan"), BLOCK_V)
+            _fill_gradients(gs_ptr, gt_ptr, V, float("nan"), WRITE_GS, WRITE_GT, BLOCK_V)
         # Pass 3: the gradients that need the row totals.
         elif (WRITE_GS and not FUSE_GS) or WRITE_GT:
             for start in range(0, V, BLOCK_V):
@@ -222,19 +232,13 @@ def tvd_fwd_kernel(
     (pass 3). Minimal bytes: read both logits once (2 N V itemsize), write each requested
     gradient once (N V itemsize) and 4 N bytes of row losses: bandwidth-bound.
     """
-    row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: N * V may exceed 2^31
-    s_ptr += row * stride_sm
-    t_ptr += row * stride_tm
-    gs_ptr += row * stride_gsm
-    gt_ptr += row * stride_gtm
+    row, s_ptr, t_ptr, gs_ptr, gt_ptr = _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm,
+                                                  stride_tm, stride_gsm, stride_gtm)
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
     if w == 0.0:  # dropped row: write zeros, read nothing
         tl.store(loss_ptr + row, 0.0)
-        if WRITE_GS:
-            _fill_row(gs_ptr, V, 0.0, BLOCK_V)
-        if WRITE_GT:
-            _fill_row(gt_ptr, V, 0.0, BLOCK_V)
+        _fill_gradients(gs_ptr, gt_ptr, V, 0.0, WRITE_GS, WRITE_GT, BLOCK_V)
     else:
         ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
         mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
@@ -254,10 +258,7 @@ def tvd_fwd_kernel(
         loss = 0.5 * tl.sum(acc_abs, axis=0)
         tl.store(loss_ptr + row, w * loss)
         if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
-            if WRITE_GS:
-                _fill_row(gs_ptr, V, float("nan"), BLOCK_V)
-            if WRITE_GT:
-                _fill_row(gt_ptr, V, float("nan"), BLOCK_V)
+            _fill_gradients(gs_ptr, gt_ptr, V, float("nan"), WRITE_GS, WRITE_GT, BLOCK_V)
         elif WRITE_GS or WRITE_GT:  # Pass 3
             sp = tl.sum(acc_sp, axis=0)
             sq = tl.sum(acc_sq, axis=0)
