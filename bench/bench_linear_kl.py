@@ -3,7 +3,7 @@ chunks) vs eager (the whole logits materialized) vs torch.compile vs Liger-Kerne
 ``LigerFusedLinearJSD`` (CUDA, when installed; teacher as hidden states + head only).
 
 The grid (shapes, teacher variants, dtypes, modes, implementations) is
-``cex_kernels.bench_specs.LINEAR_KL``, the same one ``bench/report.py`` and
+``cex_kernels.benchmarking.LINEAR_KL``, the same one ``bench/report.py`` and
 ``cex bench --op linear_kl`` run. Benchmarks report figures; they assert nothing about
 speed. ``extra_info``: peak_extra_memory (bytes, one call: the op's point), flops (2 N H V
 per output-layer product: fwd 1, fwd+bwd 3, +1 for a teacher head), gflops_per_s, the
@@ -11,16 +11,9 @@ fraction of the measured peak GEMM rate, min_bytes.
 
     python -m pytest bench/bench_linear_kl.py --benchmark-group-by=group --benchmark-sort=name
 """
-import pytest
 
-from cex_kernels import bench_specs, bench_utils
-
-SPEC = bench_specs.LINEAR_KL
-DEVICE = bench_utils.torch.device("cuda" if bench_utils.torch.cuda.is_available() else "cpu")
-CASES = SPEC.cases(DEVICE)
+OP = "linear_kl"  # bench/conftest.py parametrizes the test over this op's grid
 
 
-@pytest.mark.parametrize("impl", SPEC.impls)
-@pytest.mark.parametrize("case", CASES, ids=str)
 def test_linear_kl(bench_cell, case, impl):
-    bench_cell(SPEC, case, impl)
+    bench_cell(case, impl)

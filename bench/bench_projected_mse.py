@@ -1,24 +1,17 @@
 """pytest-benchmark: projected_mse (ours, every backend that runs here) vs eager vs torch.compile.
 
-The grid (shapes, dtypes, modes, implementations) is ``cex_kernels.bench_specs.PROJECTED_MSE``,
+The grid (shapes, dtypes, modes, implementations) is ``cex_kernels.benchmarking.PROJECTED_MSE``,
 the same one ``bench/report.py`` and ``cex bench`` run. Benchmarks report figures; they assert
 nothing about speed. Each benchmark's ``extra_info``: flops (one product pass, 2*N*d_t*d_s),
 gflops_per_s (from the median), min_bytes, peak_extra_memory (bytes, one call, see
-``bench_utils.peak_extra_memory``) and, when timed, the fraction of the measured peak GEMM
+``benchmarking.measure.peak_extra_memory``) and, when timed, the fraction of the measured peak GEMM
 rate (the cell itself is run by ``bench/conftest.py``'s ``bench_cell``).
 
     python -m pytest bench/bench_projected_mse.py --benchmark-group-by=group --benchmark-sort=name
 """
-import pytest
 
-from cex_kernels import bench_specs, bench_utils
-
-SPEC = bench_specs.PROJECTED_MSE
-DEVICE = bench_utils.torch.device("cuda" if bench_utils.torch.cuda.is_available() else "cpu")
-CASES = SPEC.cases(DEVICE)
+OP = "projected_mse"  # bench/conftest.py parametrizes the test over this op's grid
 
 
-@pytest.mark.parametrize("impl", SPEC.impls)
-@pytest.mark.parametrize("case", CASES, ids=str)
 def test_projected_mse(bench_cell, case, impl):
-    bench_cell(SPEC, case, impl)
+    bench_cell(case, impl)

@@ -1,7 +1,7 @@
 """pytest-benchmark: softmax_kl (ours, every backend that runs here) vs eager vs torch.compile
 vs Liger-Kernel's ``LigerKLDIVLoss`` (CUDA, when installed).
 
-The grid (shapes, dtypes, modes, implementations) is ``cex_kernels.bench_specs.SOFTMAX_KL``,
+The grid (shapes, dtypes, modes, implementations) is ``cex_kernels.benchmarking.SOFTMAX_KL``,
 the same one ``bench/report.py`` and ``cex bench --op softmax_kl`` run. Benchmarks report
 figures; they assert nothing about speed. The op is memory-bound: each benchmark's
 ``extra_info`` has gb_per_s (minimal bytes -- both logits read once, the student's gradient
@@ -10,16 +10,9 @@ bandwidth), besides flops (nominal, 10 or 12 per logit), min_bytes and peak_extr
 
     python -m pytest bench/bench_softmax_kl.py --benchmark-group-by=group --benchmark-sort=name
 """
-import pytest
 
-from cex_kernels import bench_specs, bench_utils
-
-SPEC = bench_specs.SOFTMAX_KL
-DEVICE = bench_utils.torch.device("cuda" if bench_utils.torch.cuda.is_available() else "cpu")
-CASES = SPEC.cases(DEVICE)
+OP = "softmax_kl"  # bench/conftest.py parametrizes the test over this op's grid
 
 
-@pytest.mark.parametrize("impl", SPEC.impls)
-@pytest.mark.parametrize("case", CASES, ids=str)
 def test_softmax_kl(bench_cell, case, impl):
-    bench_cell(SPEC, case, impl)
+    bench_cell(case, impl)

@@ -31,7 +31,7 @@ if ! CEX_FORCE_CUDA=1 MAX_JOBS=16 $PY setup.py build_ext --inplace >"$OUT/build.
 fi
 echo "built in $(( $(date +%s) - start )) s"
 $PY -c "import cex_kernels, torch; print('backends', cex_kernels.backends(), 'on', torch.cuda.get_device_name())"
-NAME=$($PY -c "from cex_kernels.bench_utils import short_device_name; print(short_device_name('cuda'))")
+NAME=$($PY -c "from cex_kernels.benchmarking.measure import short_device_name; print(short_device_name('cuda'))")
 
 status=0
 if [ "${GPU_SH_SKIP_TESTS:-0}" != 1 ]; then

@@ -3,7 +3,7 @@
     python bench/report.py [--quick] [--device cpu|cuda] [--json PATH] [--md PATH] ...
 
 the same as ``cex bench`` (the options are the CLI's). Importable: :func:`run` returns the
-report dict. The grid and the runner live in ``cex_kernels.bench_specs`` (one definition,
+report dict. The grid and the runner live in ``cex_kernels.benchmarking`` (one definition,
 shared with ``bench/bench_projected_mse.py`` and the installed ``cex`` command).
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Optional
 if __name__ == "__main__":  # run as a script: import the package of this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cex_kernels import bench_specs
-from cex_kernels.bench_specs import report_markdown, run_report, write_report  # noqa: F401
+from cex_kernels.benchmarking import report as bench_specs
+from cex_kernels.benchmarking.report import report_markdown, run_report, write_report  # noqa: F401
 
 
 def run(op: str = "projected_mse", device=None, *, quick: bool = False,

@@ -15,11 +15,12 @@ Public API:
     backends()  -> {"triton": bool, "cuda": bool, "cpu": bool, "reference": True}
 
 Training (``cex_kernels.distill``): CurriculumExtraction, OneShotDistillation,
-ProgressiveDistillation, Trainer, TrainConfig.
+ProgressiveDistillation, Trainer, TrainConfig -- loaded on first use, so that importing the
+kernels does not import the trainer (nor Triton, which loads with the first Triton kernel).
 """
+import importlib
+
 from cex_kernels._backends import backends
-from cex_kernels.distill import (CurriculumExtraction, OneShotDistillation,
-                                 ProgressiveDistillation, TrainConfig, Trainer)
 from cex_kernels.losses import DistillKLLoss, LinearKLLoss, ProjectedMSELoss, TVDLoss
 from cex_kernels.ops.linear_kl import linear_kl
 from cex_kernels.ops.projected_mse import projected_mse
@@ -33,3 +34,18 @@ __all__ = ["projected_mse", "random_projection", "ProjectedMSELoss", "backends",
            "TVDLoss", "linear_tvd",
            "CurriculumExtraction", "OneShotDistillation", "ProgressiveDistillation", "Trainer",
            "TrainConfig"]
+
+# The trainer and its names load on first access (PEP 562).
+_LAZY = {"distill": None, "CurriculumExtraction": "distill", "OneShotDistillation": "distill",
+         "ProgressiveDistillation": "distill", "Trainer": "distill", "TrainConfig": "distill"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'cex_kernels' has no attribute {name!r}")
+    module = importlib.import_module("cex_kernels.distill")
+    return module if _LAZY[name] is None else getattr(module, name)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

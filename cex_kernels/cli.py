@@ -34,7 +34,8 @@ def _op_path(path: Optional[str], op: str, several: bool) -> Optional[str]:
 def _bench(args) -> int:
     import torch
 
-    from cex_kernels import bench_plot, bench_specs
+    from cex_kernels.benchmarking import plot as bench_plot
+    from cex_kernels.benchmarking import report as bench_specs
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("cex bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
@@ -148,7 +149,7 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cex_kernels.bench_specs import OPS
+    from cex_kernels.benchmarking.grids import OPS
 
     parser = argparse.ArgumentParser(
         prog="cex", description="cex-kernels: fused kernels for knowledge distillation.")

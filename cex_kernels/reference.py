@@ -1,7 +1,9 @@
-"""Eager PyTorch implementations: the ground truth for tests and the ``reference`` backend.
+"""The ``reference`` backend: eager PyTorch formulas for every op, written for clarity.
 
-Plain PyTorch, written for clarity; in float64 they are the reference every kernel is
-tested against, and with autograd they give the reference gradients.
+They run as the ``reference`` backend's kernels (adapter: ``_backends/reference.py``), and
+the fused ops call the loss-level ones where a closed-form gradient cannot serve (double
+backward, ``torch.func``). They are *not* the tests' ground truth: the tests check every
+backend, this one included, against the float64 math in ``tests/oracle.py``.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from cex_kernels.ops._divergence import direction_beta, kept_rows
 
 
 def projected_mse(student: torch.Tensor, teacher: torch.Tensor, projection: torch.Tensor,
@@ -49,10 +53,9 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
                          beta: float, symmetric: bool = False) -> torch.Tensor:
     """Per-row divergence (shape ``(...)``) between softmax(student/T) and softmax(teacher/T).
 
-    TRL GKD's ``generalized_jsd_loss`` convention: beta=0 → KL(p_t || p_s), beta=1 →
-    KL(p_s || p_t), otherwise beta·KL(p_t || m) + (1-beta)·KL(p_s || m) with
-    m = beta·p_t + (1-beta)·p_s; ``symmetric``: (1-beta)·KL(p_t || p_s) + beta·KL(p_s || p_t)
-    (math in ``ops/_divergence.py``). Differentiable (the tests' reference gradients).
+    ``beta`` and ``symmetric`` pick the divergence as in the math of ``ops/_divergence.py``
+    (beta = 0 forward KL, beta = 1 reverse KL, else the generalized JSD or, ``symmetric``,
+    the symmetric KL with forward weight 1 - beta). Differentiable (the ops' double backward).
     """
     ls = F.log_softmax(student / temperature, dim=-1)
     lt = F.log_softmax(teacher / temperature, dim=-1)
@@ -69,12 +72,7 @@ def generalized_jsd_rows(student: torch.Tensor, teacher: torch.Tensor, temperatu
 
 
 def _kept_rows(shape, device, mask, labels, ignore_index) -> torch.Tensor:
-    keep = torch.ones(shape, dtype=torch.bool, device=device)
-    if mask is not None:
-        keep = keep & mask
-    if labels is not None:
-        keep = keep & (labels != ignore_index)
-    return keep
+    return kept_rows(shape, device, mask, labels, ignore_index).reshape(shape)
 
 
 def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
@@ -95,18 +93,9 @@ def jsd(student: torch.Tensor, teacher: torch.Tensor, *, beta: float = 0.5,
     return rows.sum() / keep.sum().clamp(min=1)
 
 
-def direction_beta(direction: str, forward_weight=None):
-    """``(beta, symmetric)`` for a ``softmax_kl`` direction: forward (0, False), reverse
-    (1, False), symmetric (1 - forward_weight, True), forward_weight defaulting to 0.5."""
-    if direction == "symmetric":
-        return 1.0 - (0.5 if forward_weight is None else float(forward_weight)), True
-    return (0.0 if direction == "forward" else 1.0), False
-
-
 def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
                direction: str = "forward", forward_weight=None, **kwargs) -> torch.Tensor:
-    """Eager ``cex_kernels.softmax_kl``: forward = KL(p_t || p_s), reverse = KL(p_s || p_t),
-    symmetric = r·KL(p_t || p_s) + (1-r)·KL(p_s || p_t) with r = ``forward_weight``."""
+    """Eager ``cex_kernels.softmax_kl`` (``direction`` and ``forward_weight`` as there)."""
     beta, symmetric = direction_beta(direction, forward_weight)
     return jsd(student, teacher, beta=beta, symmetric=symmetric, temperature=temperature,
                **kwargs)

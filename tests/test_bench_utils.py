@@ -1,7 +1,8 @@
 """Checks of the measurement helpers on toy cases with known answers (CPU, seconds)."""
 import torch
 
-from cex_kernels import bench_specs, bench_utils
+from cex_kernels import benchmarking as bench_specs
+from cex_kernels.benchmarking import measure as bench_utils
 
 
 def _bytes(n):

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 
-from cex_kernels import bench_utils
+from cex_kernels.benchmarking import measure as bench_utils
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -50,7 +50,7 @@ def test_peak_extra_memory_prints_nothing(capfd):
 
 
 def test_impl_labels_name_our_kernels():
-    from cex_kernels.bench_core import impl_label
+    from cex_kernels.benchmarking.spec import impl_label
     assert impl_label("cpu") == "cex C++" and impl_label("cuda") == "cex CUDA"
     assert impl_label("cpu/64MiB") == "cex C++ (64MiB)" and impl_label("eager") == "eager"
 

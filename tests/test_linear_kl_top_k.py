@@ -164,7 +164,7 @@ def test_functorch_grad_runs_the_eager_formula():
 def test_neither_full_logits_nor_a_dense_teacher_exist():
     """Peak extra memory follows chunk_bytes: the (N, V) student logits and the dense
     (N, V) teacher would each be 8 MiB here."""
-    from cex_kernels.bench_utils import peak_extra_memory
+    from cex_kernels.benchmarking.measure import peak_extra_memory
     n, hidden, vocab, k = 512, 32, 4096, 64
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(n, hidden, generator=gen, requires_grad=True)

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cex_kernels
-from cex_kernels import reference
+import oracle
 from conftest import (HAS_CUDA, assert_close_to_reference, backend_cases,
                       math_mode_dtypes, no_triton_reason, skip_unsupported,
                       stand_in_autotune_timer, triton_device)
@@ -40,7 +40,7 @@ def test_forward_matches_reference(device, backend, dtype, reduction, shape):
     student, teacher, projection = make_inputs(*shape, dtype, device)
     loss = cex_kernels.projected_mse(student, teacher, projection, reduction=reduction,
                                      backend=backend)
-    expected = reference.projected_mse(student.double(), teacher.double(), projection.double(),
+    expected = oracle.projected_mse(student.double(), teacher.double(), projection.double(),
                                        reduction)
     assert loss.dtype == dtype and loss.device.type == device
     assert loss.shape == (shape[0] if reduction == "none" else ())
@@ -67,7 +67,7 @@ def test_gradients_match_reference(device, backend, dtype, reduction, needs):
     grads = torch.autograd.grad(loss, wanted, upstream.to(dtype=dtype, device=device))
 
     ref_inputs = [x.detach().double().cpu().requires_grad_(x.requires_grad) for x in inputs]
-    ref_loss = reference.projected_mse(*ref_inputs, reduction=reduction)
+    ref_loss = oracle.projected_mse(*ref_inputs, reduction=reduction)
     ref_grads = torch.autograd.grad(ref_loss, [x for x in ref_inputs if x.requires_grad], upstream)
     for name, g, rg in zip([n for n, need in zip("STP", needs) if need], grads, ref_grads):
         assert g.dtype == dtype and g.shape == rg.shape
@@ -109,7 +109,7 @@ def test_torch_compile_fullgraph(device, backend):
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(s, t, p)
     (grad,) = torch.autograd.grad(loss, s)
-    ref = reference.projected_mse(s.double(), t.double(), p.double()) * 3.0
+    ref = oracle.projected_mse(s.double(), t.double(), p.double()) * 3.0
     (ref_grad,) = torch.autograd.grad(ref, s)
     assert_close_to_reference(loss, ref, torch.float32, "compiled loss")
     assert_close_to_reference(grad, ref_grad, torch.float32, "compiled grad")
@@ -127,7 +127,7 @@ def test_torch_compile_inductor(device):
     loss = compiled(s, t, p)
     loss.backward()
     ref_s = s.detach().double().requires_grad_()
-    ref = reference.projected_mse(ref_s, t.double(), p.double(), "sum")
+    ref = oracle.projected_mse(ref_s, t.double(), p.double(), "sum")
     ref.backward()
     assert_close_to_reference(loss, ref, torch.float32, "inductor loss")
     assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "inductor grad")
@@ -141,7 +141,7 @@ def test_non_contiguous_inputs(device, backend):
     projection = p[:, ::2]
     assert not student.is_contiguous() and not teacher.is_contiguous()
     loss = cex_kernels.projected_mse(student, teacher, projection, reduction="none", backend=backend)
-    expected = reference.projected_mse(student.double(), teacher.double(), projection.double(), "none")
+    expected = oracle.projected_mse(student.double(), teacher.double(), projection.double(), "none")
     assert_close_to_reference(loss, expected, torch.float32, "non-contiguous")
 
 
@@ -179,7 +179,7 @@ def test_retain_graph_backward_twice(device, backend):
     (loss * 3).backward()  # frees the graph: this one may scale in place
     torch.testing.assert_close(s.grad, 4 * first)
     ref_s = s.detach().double().requires_grad_()
-    reference.projected_mse(ref_s, t.double(), p.double(), "sum").backward()
+    oracle.projected_mse(ref_s, t.double(), p.double(), "sum").backward()
     assert_close_to_reference(first, ref_s.grad, torch.float32, "retained grad")
 
 
@@ -200,7 +200,7 @@ def test_fuzz_shapes(n, d_t, d_s, reduction, backend, seed):
     s.requires_grad_()
     loss = cex_kernels.projected_mse(s, t, p, reduction=reduction, backend=backend)
     ref_s = s.detach().double().requires_grad_()
-    expected = reference.projected_mse(ref_s, t.double(), p.double(), reduction)
+    expected = oracle.projected_mse(ref_s, t.double(), p.double(), reduction)
     if n == 0 and reduction == "mean":
         assert math.isnan(loss.item())
         return
@@ -218,7 +218,7 @@ def test_fuzz_shapes_triton(n, d_t, d_s):
         pytest.skip(no_triton_reason())
     s, t, p = make_inputs((n,), d_t, d_s, torch.float32, device, seed=n * 7 + d_t)
     loss = cex_kernels.projected_mse(s, t, p, reduction="none", backend="triton")
-    expected = reference.projected_mse(s.double(), t.double(), p.double(), "none")
+    expected = oracle.projected_mse(s.double(), t.double(), p.double(), "none")
     assert_close_to_reference(loss, expected, torch.float32, "fuzz triton")
 
 
@@ -282,14 +282,14 @@ def test_backward_scales_the_forward_gradient_in_place(device, backend):
     (loss * 2).backward()
     assert s.grad.data_ptr() == unit_grad.data_ptr()
     ref_s = s.detach().double().requires_grad_()
-    (reference.projected_mse(ref_s, t.double(), p.double(), "sum") * 2).backward()
+    (oracle.projected_mse(ref_s, t.double(), p.double(), "sum") * 2).backward()
     assert_close_to_reference(s.grad, ref_s.grad, torch.float32, "in-place grad")
 
 
 def test_fwd_bwd_extra_memory_is_one_gradient():
     """Only the student's gradient is allocated (plus the kernel's row-block scratch, 256 KiB
     per thread): no zero gradient for the internal output, no copy in AccumulateGrad."""
-    from cex_kernels.bench_utils import peak_extra_memory
+    from cex_kernels.benchmarking.measure import peak_extra_memory
     s, t, p = make_inputs((16384,), 64, 64, torch.float32, "cpu")
     s.requires_grad_()
 

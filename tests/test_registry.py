@@ -88,3 +88,12 @@ def test_registration_shows_in_backends_and_can_be_undone(fake_backend):
 
 def test_backends_keeps_its_four_names_in_order():
     assert list(cex_kernels.backends()) == ["triton", "cuda", "cpu", "reference"]
+
+
+def test_triton_version_is_read_without_importing_triton():
+    """The registry reads Triton's version from package metadata; it is the module's own."""
+    if _backends.TRITON_VERSION_STRING is None:
+        assert _backends.unavailable_reason("triton").startswith("triton is not installed")
+        return
+    import triton
+    assert _backends.TRITON_VERSION_STRING == triton.__version__

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cex_kernels
-from cex_kernels import reference
+import oracle
 from conftest import (HAS_CUDA, assert_close_to_reference, backend_cases,
                       no_triton_reason, skip_unsupported, stand_in_autotune_timer,
                       triton_device)
@@ -47,8 +47,8 @@ def call(kind, beta, s, t, **kw):
 def ref_call(kind, beta, s, t, **kw):
     kw.pop("backend", None)
     if kind == "jsd":
-        return reference.jsd(s, t, beta=beta, **kw)
-    return reference.softmax_kl(s, t, direction=kind, **kw)
+        return oracle.jsd(s, t, beta=beta, **kw)
+    return oracle.softmax_kl(s, t, direction=kind, **kw)
 
 
 def _to64(x):
@@ -159,7 +159,7 @@ def test_large_bf16_logits(device, backend):
     (g,) = torch.autograd.grad(loss, s)
     assert torch.isfinite(loss) and torch.isfinite(g).all()
     rs = s.detach().double().cpu().requires_grad_()
-    ref = reference.softmax_kl(rs, t.double().cpu())
+    ref = oracle.softmax_kl(rs, t.double().cpu())
     (rg,) = torch.autograd.grad(ref, rs)
     assert_close_to_reference(loss, ref, s.dtype, "1e4 logits loss")
     assert_close_to_reference(g, rg, s.dtype, "1e4 logits grad")
@@ -173,7 +173,7 @@ def test_masks_and_zero_kept_rows(device, backend):
     labels = torch.tensor([[5, 1, -1], [2, 2, 2]], device=device)
     loss = cex_kernels.softmax_kl(s, t, mask=mask, labels=labels, ignore_index=-1,
                                   backend=backend)
-    ref = reference.softmax_kl(s.double().cpu(), t.double().cpu(), mask=mask.cpu(),
+    ref = oracle.softmax_kl(s.double().cpu(), t.double().cpu(), mask=mask.cpu(),
                                labels=labels.cpu(), ignore_index=-1)
     assert_close_to_reference(loss, ref, torch.float32, "masked batchmean")
     rows = cex_kernels.softmax_kl(s, t, mask=mask, reduction="none", backend=backend)
@@ -228,7 +228,7 @@ def test_torch_compile_fullgraph(device, backend):
     loss = compiled(s, t, mask)
     (grad,) = torch.autograd.grad(loss, s)
     rs = s.detach().double().requires_grad_()
-    ref = reference.jsd(rs, t.double(), beta=0.3, temperature=2.0, mask=mask) * 3.0
+    ref = oracle.jsd(rs, t.double(), beta=0.3, temperature=2.0, mask=mask) * 3.0
     (rg,) = torch.autograd.grad(ref, rs)
     assert_close_to_reference(loss, ref, torch.float32, "compiled loss")
     assert_close_to_reference(grad, rg, torch.float32, "compiled grad")
@@ -245,7 +245,7 @@ def test_backward_scales_the_forward_gradient_in_place(device, backend):
     assert s.grad.data_ptr() == gs.data_ptr()
     loss = cex_kernels.softmax_kl(s.detach().requires_grad_(), t, reduction="sum", backend=backend)
     rs = s.detach().double().requires_grad_()
-    (reference.softmax_kl(rs, t.double(), reduction="sum") * 2).backward()
+    (oracle.softmax_kl(rs, t.double(), reduction="sum") * 2).backward()
     assert_close_to_reference(s.grad, rs.grad, torch.float32, "in-place grad")
 
 
@@ -264,22 +264,22 @@ def test_non_contiguous_and_vocab_size():
     s, t = make_logits((8,), 40, torch.float32, "cpu", seed=12)
     for backend in ("cpu", "reference"):
         loss = cex_kernels.softmax_kl(s[::2, ::2], t[::2, ::2], reduction="none", backend=backend)
-        ref = reference.softmax_kl(s[::2, ::2].double(), t[::2, ::2].double(), reduction="none")
+        ref = oracle.softmax_kl(s[::2, ::2].double(), t[::2, ::2].double(), reduction="none")
         assert_close_to_reference(loss, ref, torch.float32, "strided")
         padded = torch.cat([t, torch.randn(8, 7)], dim=-1)
         loss = cex_kernels.softmax_kl(s, padded, vocab_size=40, backend=backend)
-        assert_close_to_reference(loss, reference.softmax_kl(s.double(), t.double()),
+        assert_close_to_reference(loss, oracle.softmax_kl(s.double(), t.double()),
                                   torch.float32, "vocab_size")
 
 
 def test_distill_kl_loss_module():
     s, t = make_logits((3, 4), 10, torch.float32, "cpu")
     mod = cex_kernels.DistillKLLoss(temperature=2.0, direction="reverse")
-    assert_close_to_reference(mod(s, t), reference.softmax_kl(s.double(), t.double(),
+    assert_close_to_reference(mod(s, t), oracle.softmax_kl(s.double(), t.double(),
                                                               temperature=2.0, direction="reverse"),
                               torch.float32, "module kl")
     mod = cex_kernels.DistillKLLoss(beta=0.3, reduction="sum")
-    assert_close_to_reference(mod(s, t), reference.jsd(s.double(), t.double(), beta=0.3,
+    assert_close_to_reference(mod(s, t), oracle.jsd(s.double(), t.double(), beta=0.3,
                                                        reduction="sum"), torch.float32, "module jsd")
     assert "beta=0.3" in repr(mod)
 
@@ -328,7 +328,7 @@ def test_fuzz_shapes(n, V, beta, reduction, backend, temperature, seed):
     loss = cex_kernels.jsd(s, t, beta=beta, temperature=temperature, reduction=reduction,
                            mask=keep, backend=backend)
     rs = s.detach().double().requires_grad_()
-    ref = reference.jsd(rs, t.double(), beta=beta, temperature=temperature, reduction=reduction,
+    ref = oracle.jsd(rs, t.double(), beta=beta, temperature=temperature, reduction=reduction,
                         mask=keep)
     assert_close_to_reference(loss, ref, torch.float32, "fuzz loss")
     (g,) = torch.autograd.grad(loss.sum(), s)
@@ -344,13 +344,13 @@ def test_fuzz_shapes_triton(n, V, beta):
         pytest.skip(no_triton_reason())
     s, t = make_logits((n,), V, torch.float32, device, seed=n * 7 + V)
     loss = cex_kernels.jsd(s, t, beta=beta, reduction="none", backend="triton")
-    ref = reference.jsd(s.double().cpu(), t.double().cpu(), beta=beta, reduction="none")
+    ref = oracle.jsd(s.double().cpu(), t.double().cpu(), beta=beta, reduction="none")
     assert_close_to_reference(loss, ref, torch.float32, "fuzz triton")
 
 
 _PORTABLE_PATH_SCRIPT = """
 import torch, cex_kernels
-from cex_kernels import reference
+import oracle
 torch.manual_seed(0)
 for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
     for beta in (0.0, 0.4, 1.0):
@@ -359,7 +359,7 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 3e-2)):
         loss = cex_kernels.jsd(s, t, beta=beta, temperature=2.0, reduction="sum", backend="cpu")
         gs, gt = torch.autograd.grad(loss, [s, t])
         rs, rt = (x.detach().double().requires_grad_() for x in (s, t))
-        ref = reference.jsd(rs, rt, beta=beta, temperature=2.0, reduction="sum")
+        ref = oracle.jsd(rs, rt, beta=beta, temperature=2.0, reduction="sum")
         rgs, rgt = torch.autograd.grad(ref, [rs, rt])
         for a, b in ((loss, ref), (gs, rgs), (gt, rgt)):
             scale = b.abs().max().item()
@@ -376,7 +376,9 @@ def test_cpu_portable_path_without_avx2():
     import sys
     if not cex_kernels.backends()["cpu"]:
         pytest.skip("compiled extension not built")
-    env = dict(os.environ, CEX_DISABLE_AVX2="1")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))  # for `import oracle`
+    env = dict(os.environ, CEX_DISABLE_AVX2="1",
+               PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _PORTABLE_PATH_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
@@ -388,7 +390,7 @@ def test_teacher_only_gradient_and_no_grad():
     loss = cex_kernels.jsd(s, t, beta=0.3, backend="cpu")
     (g,) = torch.autograd.grad(loss, t)
     rt = t.detach().double().requires_grad_()
-    (rg,) = torch.autograd.grad(reference.jsd(s.double(), rt, beta=0.3), rt)
+    (rg,) = torch.autograd.grad(oracle.jsd(s.double(), rt, beta=0.3), rt)
     assert_close_to_reference(g, rg, torch.float32, "teacher-only grad")
     _, gs, gt = torch.ops.cex.softmax_kl(s, t.detach(), torch.ones(4), None, 1.0, 0.0, False,
                                          "sum", "cpu", False, False)
@@ -411,7 +413,7 @@ def test_torch_compile_inductor(device):
     loss = compiled(s, t, labels)
     loss.backward()
     rs = s.detach().double().requires_grad_()
-    ref = reference.softmax_kl(rs, t.double(), labels=labels, ignore_index=-1, temperature=2.0)
+    ref = oracle.softmax_kl(rs, t.double(), labels=labels, ignore_index=-1, temperature=2.0)
     ref.backward()
     assert_close_to_reference(loss, ref, torch.float32, "inductor loss")
     assert_close_to_reference(s.grad, rs.grad, torch.float32, "inductor grad")
@@ -438,7 +440,7 @@ def test_every_gpu_config(config, V, beta, symmetric):
         s, t = make_logits((3,), V, dtype, device, seed=V)
         weight = torch.tensor([0.5, 0.0, 2.0], device=device)
         got = softmax_kl_fwd(s, t, weight, 0.5, beta, symmetric, True, True, config=config)
-        want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 0.5, beta,
+        want = oracle.softmax_kl_rows(s.double(), t.double(), weight.double(), 0.5, beta,
                                          symmetric, True, True)
         for name, g, w in zip(("rows", "grad student", "grad teacher"), got, want):
             assert_close_to_reference(g, w, dtype, f"{name} {dtype}")
@@ -452,7 +454,7 @@ def test_autotuned_launch(monkeypatch):
     device = triton_device()
     s, t = make_logits((3,), 5003, torch.float32, device, seed=4)
     weight = torch.tensor([1.0, 0.0, 0.5], device=device)
-    want = reference.softmax_kl_rows(s.double(), t.double(), weight.double(), 1.0, 0.3, False,
+    want = oracle.softmax_kl_rows(s.double(), t.double(), weight.double(), 1.0, 0.3, False,
                                      True, True)
     for winner in range(len(kernels.CONFIGS)):
         timed = stand_in_autotune_timer(monkeypatch, kernels.softmax_kl_fwd_tuned, winner)
@@ -474,7 +476,7 @@ def test_top_k_teacher_matches_dense_minus_inf_teacher(device, backend, beta):
     dense = torch.full((6, 50), float("-inf"), dtype=torch.float64).scatter(
         1, indices.cpu(), values.detach().double().cpu()).requires_grad_()
     ref_student = student.detach().double().cpu().requires_grad_()
-    expected = reference.jsd(ref_student, dense, beta=beta, temperature=1.5)
+    expected = oracle.jsd(ref_student, dense, beta=beta, temperature=1.5)
     assert_close_to_reference(loss, expected, torch.float32, "top-k loss")
     loss.backward()
     expected.backward()
@@ -499,7 +501,7 @@ def test_top_k_teacher_bad_input():
 def test_fwd_bwd_extra_memory_is_one_gradient():
     """Gradient-in-forward: a plain loss.backward() costs one (N, V) tensor (the .grad),
     no zero-filled gradients for the op's internal outputs, no copy in AccumulateGrad."""
-    from cex_kernels.bench_utils import peak_extra_memory
+    from cex_kernels.benchmarking.measure import peak_extra_memory
     n, v = 64, 4096
     s = torch.randn(n, v, requires_grad=True)
     t = torch.randn(n, v)

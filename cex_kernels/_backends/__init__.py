@@ -3,15 +3,11 @@
 A *backend* is a set of kernels with one calling convention per kernel slot. Each is one
 :class:`Backend` record in :data:`REGISTRY` (in ``backend="auto"`` preference order):
 
-========== ============================ ================== ===============================
-name       adapter module               devices            dtypes
-========== ============================ ================== ===============================
-triton     ``_backends/triton.py``      cuda (cpu under    float32, float16, bfloat16
-                                        TRITON_INTERPRET=1)
-cuda       ``_backends/cuda.py``        cuda               float32, float16, bfloat16
-cpu        ``_backends/cpu.py``         cpu                float32, float16, bfloat16, 64
-reference  ``_backends/reference.py``   any                float32, float16, bfloat16, 64
-========== ============================ ================== ===============================
+* ``triton`` (``_backends/triton.py``): CUDA tensors, CPU tensors under the Triton
+  interpreter; fp32, fp16, bf16.
+* ``cuda`` (``_backends/cuda.py``): CUDA tensors; fp32, fp16, bf16.
+* ``cpu`` (``_backends/cpu.py``): CPU tensors; fp32, fp16, bf16, fp64.
+* ``reference`` (``_backends/reference.py``): any device; fp32, fp16, bf16, fp64.
 
 Kernel slots (each with one contract, written next to the op that calls it):
 
@@ -162,7 +158,7 @@ class Backend:
     it. ``problem``: why it cannot run in this install (None: it can). ``unit_inner_stride``:
     its kernels index rows with one stride, so the last dimension must be contiguous.
     ``device_note``: appended to the error for tensors on a device it does not accept.
-    ``note``: what it is, for ``cex backends``.
+    ``note``: what it is, for ``cex backends``; ``label``: its name in benchmark reports.
     """
     name: str
     adapter: Union[str, types.ModuleType]
@@ -174,6 +170,7 @@ class Backend:
     unit_inner_stride: bool
     note: str = ""
     device_note: str = ""
+    label: str = ""
 
     def accepts(self, device_type: str, devices=None) -> bool:
         devices = self.devices if devices is None else devices
@@ -185,17 +182,17 @@ REGISTRY: List[Backend] = [
             devices=("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), auto_devices=("cuda",),
             dtypes=HALF_AND_FLOAT, problem=_triton_problem, unit_inner_stride=False,
             note="Triton kernels: CUDA tensors; CPU tensors only in the Triton interpreter "
-                 "(TRITON_INTERPRET=1, slow: for tests)",
+                 "(TRITON_INTERPRET=1, slow: for tests)", label="cex Triton",
             device_note=" (CPU tensors run only under the Triton interpreter: set "
                         "TRITON_INTERPRET=1 before importing cex_kernels)"),
     Backend("cuda", "cex_kernels._backends.cuda", ("projected_mse", "softmax_kl"),
             devices=("cuda",), auto_devices=("cuda",), dtypes=HALF_AND_FLOAT,
             problem=_cuda_problem, unit_inner_stride=True,
-            note="the compiled CUDA kernels (cex_kernels._C): CUDA tensors"),
+            note="the compiled CUDA kernels (cex_kernels._C): CUDA tensors", label="cex CUDA"),
     Backend("cpu", "cex_kernels._backends.cpu", ("projected_mse", "softmax_kl", "tvd"),
             devices=("cpu",), auto_devices=("cpu",), dtypes=ALL_FLOATS,
             problem=_compiled_problem, unit_inner_stride=True,
-            note="the compiled C++ kernels (cex_kernels._C): CPU tensors"),
+            note="the compiled C++ kernels (cex_kernels._C): CPU tensors", label="cex C++"),
     Backend("reference", "cex_kernels._backends.reference",
             ("projected_mse", "softmax_kl", "tvd"),
             devices=(ANY_DEVICE,), auto_devices=(ANY_DEVICE,), dtypes=ALL_FLOATS,

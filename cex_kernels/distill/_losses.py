@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cex_kernels.distill.batch import IGNORE_INDEX
+from cex_kernels.ops.projected_mse import projected_mse
 
 
 def eager_softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
@@ -53,7 +54,7 @@ def eager_softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperat
 
 def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
     """``cex_kernels.softmax_kl`` when the package has it, else :func:`eager_softmax_kl`."""
-    import cex_kernels
+    import cex_kernels  # the package attribute, looked up per call (tests remove it)
     fused = getattr(cex_kernels, "softmax_kl", None)
     return (fused or eager_softmax_kl)(student_logits, teacher_logits, **kwargs)
 
@@ -79,7 +80,6 @@ def projected_mse_sum(student_hidden: Tensor, teacher_hidden: Tensor, projection
     """``Σ ||student_hidden - teacher_hidden @ projection||²`` over the rows where ``mask`` is
     True, via the fused op on the selected rows; teacher and projection are cast to the
     student's dtype (autocast makes the student bf16)."""
-    from cex_kernels import projected_mse
     if mask is not None:
         if mask.shape != student_hidden.shape[:-1]:
             raise ValueError(f"attention_mask {tuple(mask.shape)} does not match the hidden "

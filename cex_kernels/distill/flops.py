@@ -61,7 +61,7 @@ def register_projected_mse_flops() -> None:
     import torch
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    import cex_kernels  # noqa: F401  (registers the op)
+    import cex_kernels.ops.projected_mse  # noqa: F401  (registers the op)
     op = torch.ops.cex.projected_mse
     if op in flop_registry:
         return

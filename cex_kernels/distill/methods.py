@@ -28,6 +28,7 @@ from cex_kernels.distill._losses import ce_loss_sum, kd_loss_sum, projected_mse_
 from cex_kernels.distill.hooks import HiddenStateCapture, first_tensor
 from cex_kernels.distill.layer_map import LayerMapSpec, resolve_layer_map
 from cex_kernels.distill.schedule import (HIDDEN_MSE, LOGIT_KL, BudgetLike, Phase, as_budget)
+from cex_kernels.projection import random_projection
 
 PROJECTION_KINDS = ("gaussian", "rademacher", "orthogonal", "identity")
 
@@ -78,7 +79,6 @@ class FixedProjection(nn.Module):
     def _build(self) -> Tensor:
         if self.kind == "identity":
             return torch.eye(self.d_teacher)
-        from cex_kernels import random_projection
         return random_projection(self.d_teacher, self.d_student, seed=self.seed, kind=self.kind)
 
     def get_extra_state(self):

@@ -4,7 +4,7 @@
    curriculum extraction vs one-shot / progressive distillation vs labels alone, same sample
    budget, test accuracy on fresh samples.
 2. A short benchmark of the fused ops against eager PyTorch on the current device
-   (:func:`cex_kernels.bench_specs.run_report`): each cell times its implementations
+   (:func:`cex_kernels.benchmarking.report.run_report`): each cell times its implementations
    interleaved, call by call, for a time budget, and reports the median, the spread
    (IQR), a ``noisy`` flag when the spread is large, and the peak extra memory.
 
@@ -53,7 +53,7 @@ def _mode(quick: bool, full: bool) -> str:
 
 def _bench(ops: Sequence[str], device: str, impls: Optional[Sequence[str]], mode: str,
            log: Callable[[str], None]) -> Dict[str, Dict]:
-    from cex_kernels import bench_specs
+    from cex_kernels.benchmarking import report as bench_specs
     reports = {}
     kind = torch.device(device).type
     for op in ops:
@@ -91,14 +91,14 @@ def _shape_text(shape) -> str:
 
 def bench_label(row: Dict) -> str:
     """``"projected_mse cex C++ fwd+bwd"``: one line, for the table and the plot."""
-    from cex_kernels.bench_core import impl_label
+    from cex_kernels.benchmarking.spec import impl_label
     return f"{row['op']} {impl_label(row['impl'])} {row['mode']}"
 
 
 def summary_table_rows(parity: Dict, reports: Dict[str, Dict]) -> List[Dict]:
     """One table: a row per distillation method, then a row per benchmark cell and
     implementation (eager is the baseline row of its cell)."""
-    from cex_kernels.bench_core import impl_label
+    from cex_kernels.benchmarking.spec import impl_label
     rows = []
     for r in summary_rows(parity):
         rows.append({"part": "sparse parity", "what": r["method"],
@@ -141,7 +141,7 @@ def summary_table_rows(parity: Dict, reports: Dict[str, Dict]) -> List[Dict]:
 
 def legend(reports: Dict[str, Dict], load: Optional[Sequence[float]]) -> str:
     """The table's footnotes: how times were taken, the noise rule, the machine's load."""
-    from cex_kernels.bench_utils import NOISY_SPREAD
+    from cex_kernels.benchmarking.measure import NOISY_SPREAD
     lines = ["Benchmark: each cell's implementations run interleaved, call by call (warm-up "
              f"first), at least {MIN_REPEATS} calls each and until the cell's time budget is "
              "spent; time = median. 'x vs eager' = median over rounds of eager's time / ours "
@@ -271,7 +271,7 @@ def run_demo(out_dir: str = "cex-demo", *, quick: bool = False, full: bool = Fal
     """Run the demo; returns the results dict (also written as JSON into ``out_dir``)."""
     import json
 
-    from cex_kernels.bench_utils import device_name
+    from cex_kernels.benchmarking.measure import device_name
     mode = _mode(quick, full)
     log = log or (lambda msg: None)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,10 +15,9 @@ with ``logits_to_keep=1`` where the model takes it) and :func:`cex_kernels.linea
 computes the same divergence from those and the output layers, chunk by chunk. For models
 whose logits are ``lm_head(h)`` (no final soft-capping or logit scale).
 
-The divergence, per token, with ``p_s, p_t = softmax(logits / T)`` and ``m = beta·p_t +
-(1 - beta)·p_s``: ``beta·KL(p_t‖m) + (1 - beta)·KL(p_s‖m)``; ``beta = 0`` is KL(p_t‖p_s)
-and ``beta = 1`` KL(p_s‖p_t) (TRL's convention, which :func:`cex_kernels.jsd` follows). TRL
-does not multiply by T², so neither does this function.
+The divergence, per token, is TRL's generalized JSD, which :func:`cex_kernels.jsd` follows
+(``beta = 0`` the forward KL, ``beta = 1`` the reverse KL; math in ``ops/_divergence.py``).
+TRL does not multiply by T², so neither does this function.
 """
 from __future__ import annotations
 

@@ -1,22 +1,37 @@
-"""What ``softmax_kl``/``jsd`` and ``linear_kl`` share: the per-row divergence kernels of each
-backend, the option checks, the row weights, and the top-k teacher.
+"""What ``softmax_kl``/``jsd`` and ``linear_kl`` share: the per-row divergence kernel's
+contract, the option checks, the row weights, and the top-k teacher.
 
-The math of the divergences, stated once (``p = softmax(student / T)``,
-``q = softmax(teacher / T)``, ``ls``/``lt`` their logs, 0·log 0 = 0). Two families, each
+**The math, stated once** (every other docstring and kernel comment points here). For one
+row of student logits ``s`` and teacher logits ``t`` at temperature ``T``: ``z = s/T``,
+``z' = t/T``, ``ls = log_softmax(z)``, ``lt = log_softmax(z')``, ``p = exp(ls)`` (student),
+``q = exp(lt)`` (teacher), 0·log 0 = 0. Gradients are with respect to ``z`` and ``z'``
+(those with respect to the logits are 1/T times them). Two families share a ``beta``, each
 with ``beta = 0`` the forward and ``beta = 1`` the reverse KL:
 
-* ``beta = 0``: KL(q || p), the forward KL of classic distillation;
-* ``beta = 1``: KL(p || q), the reverse KL (computed as ``beta = 0`` with the roles swapped,
-  so no kernel has a separate reverse mode);
-* ``0 < beta < 1``: the generalized JSD of TRL's GKD, ``beta·KL(q || m) + (1-beta)·KL(p || m)``
-  with ``m = beta·q + (1-beta)·p``;
-* ``symmetric``, ``0 < beta < 1``: the symmetric KL ``r·KL(q || p) + (1-r)·KL(p || q)`` with
-  the forward weight ``r = 1 - beta`` (``softmax_kl(direction="symmetric",
-  forward_weight=r)``). Per row, with ``F = Σ q (lt - ls)`` and ``R = Σ p (ls - lt)``::
+* **KL**, ``beta = 0``: the forward KL of classic distillation, ``KL(q || p)``::
+
+      L = Σ q (lt - ls)
+      dL/dz = p - q               dL/dz' = q (lt - ls - L)
+
+  ``beta = 1`` is the reverse KL ``KL(p || q)``, computed as ``beta = 0`` with the roles
+  (and the gradients) swapped, so no kernel has a separate reverse mode.
+* **Generalized JSD**, ``0 < beta < 1`` (TRL GKD's ``generalized_jsd_loss``): with the
+  mixture ``m = beta·q + (1-beta)·p``, ``lm = log m`` (a logaddexp of ``lt + log beta`` and
+  ``ls + log(1-beta)``, never -inf early)::
+
+      Kt = Σ q (lt - lm)          Ks = Σ p (ls - lm)
+      L = beta Kt + (1-beta) Ks
+      dL/dz = (1-beta) p (ls - lm - Ks)       dL/dz' = beta q (lt - lm - Kt)
+
+  beta = 0.5 is the symmetric JSD. As in TRL the value jumps at beta = 0: a tiny positive
+  beta gives about beta·KL, not KL.
+* **Symmetric KL**, ``symmetric`` and ``0 < beta < 1``: ``r·KL(q || p) + (1-r)·KL(p || q)``
+  with the forward weight ``r = 1 - beta`` (``softmax_kl(direction="symmetric",
+  forward_weight=r)``). With ``F = Σ q (lt - ls)`` and ``R = Σ p (ls - lt)``::
 
       L       = r F + (1-r) R = Σ (r q - (1-r) p)(lt - ls)
-      dL/dz_s = r (p - q) + (1-r) p (ls - lt - R)
-      dL/dz_t = r q (lt - ls - F) + (1-r) (q - p)
+      dL/dz   = r (p - q) + (1-r) p (ls - lt - R)
+      dL/dz'  = r q (lt - ls - F) + (1-r) (q - p)
 
   Both totals come from one pass over the row, the gradients (which need them) from a
   second. Where ``q = 0 < p``, R is +inf (the student has mass outside the teacher's
@@ -30,9 +45,9 @@ Every backend implements one row kernel with the contract::
 
 with ``beta`` in [0, 1) (``symmetric`` picks the symmetric KL over the JSD for
 ``beta > 0``; decided on beta in the accumulation dtype, so a weight that rounds to 0 never
-multiplies an infinite R). ``row_loss[r] = w[r]·L_r`` and each gradient is
-``w[r]/T · dL_r/dz`` (0 for rows with ``w[r] == 0``: those rows are never read). ``w``
-carries the row mask, T² and, except in fp16, the reduction's divisor (see ``_autograd``
+multiplies an infinite R). ``row_loss[r] = w[r]·L_r`` and the gradients are
+``w[r]/T · dL_r/dz`` and ``w[r]/T · dL_r/dz'`` (0 for rows with ``w[r] == 0``: those rows are
+never read). ``w`` carries the row mask, T² and, except in fp16, the reduction's divisor (see ``_autograd``
 for why fp16 differs). All backends take the log-softmax around the raw row max,
 ``(x - max x)/T``, and a kept row whose loss is NaN gets NaN in every entry of each
 requested gradient (an inf loss is legal and left as it is).
@@ -45,7 +60,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from cex_kernels import _backends, _checks, reference
+from cex_kernels import _backends, _checks
 from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped, scale_saved,
                                         under_functorch_differentiation)
 
@@ -125,7 +140,16 @@ def check_direction(op: str, direction, forward_weight) -> Tuple[float, bool]:
                              f"direction={direction!r}")
         forward_weight = _checks.check_real(op, "forward_weight", forward_weight, low=0.0,
                                             high=1.0)
-    return reference.direction_beta(direction, forward_weight)
+    return direction_beta(direction, forward_weight)
+
+
+def direction_beta(direction: str, forward_weight=None) -> Tuple[float, bool]:
+    """``(beta, symmetric)`` for a checked ``softmax_kl`` direction: forward (0, False),
+    reverse (1, False), symmetric (1 - forward_weight, True), forward_weight defaulting to
+    0.5."""
+    if direction == "symmetric":
+        return 1.0 - (0.5 if forward_weight is None else float(forward_weight)), True
+    return (0.0 if direction == "forward" else 1.0), False
 
 
 def check_vocab_size(op: str, vocab_size) -> Optional[int]:

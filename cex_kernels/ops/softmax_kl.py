@@ -195,10 +195,8 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5,
 
     * ``beta = 0``: KL(p_t || p_s) (forward KL);  ``beta = 1``: KL(p_s || p_t) (reverse KL);
     * otherwise ``beta·KL(p_t || m) + (1-beta)·KL(p_s || m)`` with the mixture
-      ``m = beta·p_t + (1-beta)·p_s`` (TRL builds ``log m`` as
-      ``logsumexp([log p_s + log(1-beta), log p_t + log beta])``). beta = 0.5 is the
-      symmetric JSD. As in TRL, the value jumps at beta = 0: a tiny positive beta gives
-      about beta·KL, not KL.
+      ``m = beta·p_t + (1-beta)·p_s`` (beta = 0.5: the symmetric JSD; as in TRL, a tiny
+      positive beta gives about beta·KL, not KL). Gradients: ``ops/_divergence.py``.
 
     Other arguments and behaviour as :func:`softmax_kl`. To match TRL's own function pass
     ``scale_by_t2=False``, and mind the reduction: ``"batchmean"`` here divides by the

@@ -17,9 +17,11 @@ run together and hit L2), whose epilogue loads the matching student tile, subtra
 squares, reduces along the row and writes the scaled gradient. Row sums are written per
 column tile (no atomics: deterministic) and summed over the few column tiles afterwards.
 The configs target N=16384, d_t=4096, d_s=1024 in bf16 and N=8192, d_t=1024, d_s=256; they
-are chosen from the ahead-of-time compile and not yet timed on a GPU (bench/NOTES.md).
+are chosen from the ahead-of-time compile (bench/NOTES.md).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -28,42 +30,59 @@ import triton.language as tl
 from cex_kernels.triton._common import (AUTOTUNE, aot_spec, dot_input_precision, math_mode,
                                         on_device)
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every config here compiles
-# without spills for sm_80 and sm_90 with Triton 3.6 and 3.9 (checked by `cex aot`); the
-# epilogue keeps a student tile beside the accumulator, so 128x256 tiles spill (16 B on
-# sm_90 with Triton 3.6) and are out; 256x128 fits (242-255 registers).
+class TileConfig(NamedTuple):
+    """One launch configuration of :func:`projected_mse_fwd_kernel`: output tiles of
+    ``block_m`` rows x ``block_n`` columns, ``block_k`` steps along d_t, ``group_m`` row
+    tiles per group (tiles that share projection columns run together, for L2 reuse), and
+    the launch's warps and software-pipeline stages."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        """The kernel's block-size constexprs."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                "GROUP_M": self.group_m}
+
+    def triton_config(self) -> "triton.Config":
+        return triton.Config(self.meta(), num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+# Every config here compiles without spills for sm_80 and sm_90 with Triton 3.6 and 3.9
+# (checked by `cex aot`); the epilogue keeps a student tile beside the accumulator, so
+# 128x256 tiles spill (16 B on sm_90 with Triton 3.6) and are out; 256x128 fits (242-255
+# registers).
 # bf16/fp16 on tensor cores: large tiles for big problems, smaller ones for small d_s or N.
 # The first config is the one launched without autotuning (CEX_TRITON_AUTOTUNE=0).
 TENSOR_CORE_CONFIGS = [
-    (128, 128, 64, 8, 8, 4),
-    (256, 128, 64, 8, 8, 3),
-    (64, 128, 64, 8, 4, 4),
-    (128, 64, 32, 8, 4, 4),
-    (64, 64, 32, 8, 4, 4),
+    TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4),
+    TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3),
+    TileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4),
+    TileConfig(block_m=128, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=4),
+    TileConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=4),
 ]
 # fp32 with TF32 allowed: operands are twice as wide, so shorter K steps and fewer stages.
 TF32_CONFIGS = [
-    (128, 128, 32, 8, 8, 3),
-    (128, 64, 32, 8, 4, 4),
-    (64, 64, 32, 8, 4, 4),
+    TileConfig(block_m=128, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3),
+    TileConfig(block_m=128, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=4),
+    TileConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=4),
 ]
 # Exact fp32 runs on the FMA units: the accumulator and both operands live in registers,
 # so tiles are smaller.
 FP32_CONFIGS = [
-    (128, 64, 32, 8, 8, 3),
-    (64, 128, 32, 8, 8, 3),
-    (64, 64, 32, 8, 4, 2),
-    (32, 64, 32, 8, 4, 3),
+    TileConfig(block_m=128, block_n=64, block_k=32, group_m=8, num_warps=8, num_stages=3),
+    TileConfig(block_m=64, block_n=128, block_k=32, group_m=8, num_warps=8, num_stages=3),
+    TileConfig(block_m=64, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=2),
+    TileConfig(block_m=32, block_n=64, block_k=32, group_m=8, num_warps=4, num_stages=3),
 ]
 # Under the interpreter (CPU tests) one small config, and no autotuning.
-INTERPRETER_CONFIG = (16, 16, 16, 4, 1, 1)
-MIN_BLOCK_N = min(c[1] for c in TENSOR_CORE_CONFIGS + TF32_CONFIGS + FP32_CONFIGS
+INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, group_m=4, num_warps=1,
+                                num_stages=1)
+MIN_BLOCK_N = min(c.block_n for c in TENSOR_CORE_CONFIGS + TF32_CONFIGS + FP32_CONFIGS
                   + [INTERPRETER_CONFIG])
-
-
-def _triton_config(block_m, block_n, block_k, group_m, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                          "GROUP_M": group_m}, num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit
@@ -148,7 +167,7 @@ CONFIGS = {"tensor_core": TENSOR_CORE_CONFIGS, "tf32": TF32_CONFIGS, "fp32": FP3
 # reset_to_zero: configs with a narrower BLOCK_N write more rows of the per-column-tile
 # partial sums than the one finally chosen; without it those rows, left over from the
 # benchmark runs, would be added into the first (autotuning) call's loss.
-_AUTOTUNED = {mode: triton.autotune(configs=[_triton_config(*c) for c in configs],
+_AUTOTUNED = {mode: triton.autotune(configs=[c.triton_config() for c in configs],
                                     key=["d_t", "d_s"],
                                     reset_to_zero=["partial_ptr"])(_with_even_flags)
               for mode, configs in CONFIGS.items()}
@@ -160,7 +179,7 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
 
     By default a GPU autotunes over the configs of the inputs' math mode (or takes its
     first config with CEX_TRITON_AUTOTUNE=0) and the interpreter runs INTERPRETER_CONFIG.
-    ``config`` (a tuple as in the lists above) forces one block shape on any device, the
+    ``config`` (a :class:`TileConfig`, or a tuple in its field order) forces one block shape on any device, the
     interpreter included: the tests run every GPU config that way; ``autotune=True`` forces
     the autotuner (the tests give it a stand-in timer under the interpreter).
 
@@ -203,10 +222,10 @@ def projected_mse_fwd(student: torch.Tensor, teacher: torch.Tensor, projection: 
 
     with on_device(device):
         if config is not None:
-            bm, bn, bk, gm, warps, stages = config
-            grid = (triton.cdiv(n_rows, bm) * triton.cdiv(d_s, bn),)
-            _with_even_flags[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                   GROUP_M=gm, num_warps=warps, num_stages=stages)
+            config = TileConfig(*config)
+            grid = (triton.cdiv(n_rows, config.block_m) * triton.cdiv(d_s, config.block_n),)
+            _with_even_flags[grid](*args, **flags, **config.meta(), num_warps=config.num_warps,
+                                   num_stages=config.num_stages)
         else:
             def grid(meta):
                 return (triton.cdiv(n_rows, meta["BLOCK_M"]) * triton.cdiv(d_s, meta["BLOCK_N"]),)
@@ -223,21 +242,21 @@ _INNER_STRIDES = ("stride_sn", "stride_tk", "stride_pn", "stride_gn")
 _INT_ARGS = ("N", "d_t", "d_s", "stride_sm", "stride_tm", "stride_pk", "stride_gm")
 
 
-def _aot_spec(dtype, precision, config, layout="aligned"):
-    bm, bn, bk, gm, warps, stages = config
+def _aot_spec(dtype, precision, config: TileConfig, layout="aligned"):
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "p_ptr": f"*{dtype}",
              "g_ptr": f"*{dtype}", "partial_ptr": "*fp32", "grad_scale": "fp32"}
     even = layout == "aligned"
     constexprs = {"WRITE_GRAD": True, "INPUT_PRECISION": precision, "EVEN_K": even,
-                  "EVEN_N": even, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+                  "EVEN_N": even, **config.meta()}
     divisible = ()
     if layout != "generic":
         constexprs.update({name: 1 for name in _INNER_STRIDES})
         divisible = ("s_ptr", "t_ptr", "p_ptr", "g_ptr", "partial_ptr") + _INT_ARGS
     return aot_spec(projected_mse_fwd_kernel,
-                    f"projected_mse_fwd[{dtype}/{precision},{bm}x{bn}x{bk},w{warps},s{stages}"
+                    f"projected_mse_fwd[{dtype}/{precision},{config.block_m}x{config.block_n}x"
+                    f"{config.block_k},w{config.num_warps},s{config.num_stages}"
                     f"{'' if even else ',' + layout}]", types, constexprs, divisible,
-                    num_warps=warps, num_stages=stages,
+                    num_warps=config.num_warps, num_stages=config.num_stages,
                     # TF32 wgmma reads B only K-major, so on sm_90 Triton stages the
                     # row-major projection with 4-byte copies; every other aligned case
                     # must stream both operands in 16-byte copies.

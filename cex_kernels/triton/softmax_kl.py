@@ -1,19 +1,9 @@
 """Fused softmax KL / generalized JSD / symmetric KL (and total variation distance, its own
 kernel ``tvd_fwd_kernel``) in Triton: one program per row, gradients in the forward.
 
-For a row of student logits s and teacher logits t (length V), z = s / T, z' = t / T,
-ls = log_softmax(z), lt = log_softmax(z'), p = exp(ls), q = exp(lt), 0 log 0 = 0:
-
-    beta == 0 (KL(q || p)):  L = sum q (lt - ls)
-                             dL/dz = p - q,   dL/dz' = q (lt - ls - L)
-    0 < beta < 1 (JSD):      lm = log(beta q + (1-beta) p)   (a logaddexp, never -inf early)
-                             Kt = sum q (lt - lm),  Ks = sum p (ls - lm)
-                             L = beta Kt + (1-beta) Ks
-                             dL/dz = (1-beta) p (ls - lm - Ks),  dL/dz' = beta q (lt - lm - Kt)
-    symmetric, 0 < beta < 1: F = sum q (lt - ls),  R = sum p (ls - lt),  a = 1 - beta
-                             L = a F + beta R
-                             dL/dz = a (p - q) + beta p (ls - lt - R)
-                             dL/dz' = a q (lt - ls - F) + beta (q - p)
+The loss and gradients per row (KL, generalized JSD, symmetric KL) and the kernel contract
+are stated once in ``cex_kernels/ops/_divergence.py``; names here follow it (z = s / T,
+z' = t / T, ls, lt, p, q, lm, Kt, Ks, F, R).
 
 Reverse KL is beta == 0 with the inputs swapped (done by the caller). The row weight w
 (mask x T² x batchmean divisor) multiplies the loss, and w / T the gradients; rows with
@@ -37,13 +27,14 @@ bf16 (512 KiB per row pair) mostly hits L2 when a few rows per SM are in flight.
 FLOPs per element: ~2 exp (pass 1) + 2 exp and ~8 ops (pass 2), + a log1p/exp pair per
 pass for JSD (symmetric: one more exp in pass 2). Minimal bytes: read both logits once (2 N V itemsize), write each requested
 gradient once (N V itemsize) and 4 N bytes of row losses; the kernel is bandwidth-bound.
-Tuned (configs chosen to compile spill-free on sm_80/sm_90; not yet timed on a GPU) for
-N = 4096..16384 rows, V = 32k..152k (Llama 3, Qwen 2) in bf16.
+Configs are chosen to compile spill-free on sm_80/sm_90 for N = 4096..16384 rows,
+V = 32k..152k (Llama 3, Qwen 2) in bf16.
 """
 from __future__ import annotations
 
 import math
 import struct
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,12 +42,23 @@ import triton.language as tl
 
 from cex_kernels.triton._common import AUTOTUNE, aot_spec, on_device
 
-# (BLOCK_V, num_warps): 4..16 elements per thread per live tensor, so the JSD pass (seven
-# live chunk tensors; the symmetric pass has fewer) stays in registers. Autotuned on V.
-CONFIGS = [(1024, 4), (2048, 8), (4096, 16)]
+class RowConfig(NamedTuple):
+    """One launch configuration of :func:`softmax_kl_fwd_kernel`: each program streams its
+    row in chunks of ``block_v`` entries, with ``num_warps`` warps."""
+    block_v: int
+    num_warps: int
+
+    def triton_config(self) -> "triton.Config":
+        return triton.Config({"BLOCK_V": self.block_v}, num_warps=self.num_warps)
+
+
+# 4..16 elements per thread per live tensor, so the JSD pass (seven live chunk tensors; the
+# symmetric pass has fewer) stays in registers. Autotuned on V.
+CONFIGS = [RowConfig(block_v=1024, num_warps=4), RowConfig(block_v=2048, num_warps=8),
+           RowConfig(block_v=4096, num_warps=16)]
 # Under the interpreter (CPU tests) a small chunk, so short rows still loop; long rows
 # (V > 4096) take big chunks to keep the interpreted loop short.
-INTERPRETER_CONFIG = (64, 1)
+INTERPRETER_CONFIG = RowConfig(block_v=64, num_warps=1)
 INTERPRETER_LONG_ROW_BLOCK_V = 2048
 
 
@@ -278,11 +280,11 @@ def tvd_fwd_kernel(
 
 
 softmax_kl_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in CONFIGS],
+    configs=[c.triton_config() for c in CONFIGS],
     key=["V", "IS_JSD", "IS_SYM", "WRITE_GS", "WRITE_GT"],
 )(softmax_kl_fwd_kernel)
 tvd_fwd_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_V": bv}, num_warps=nw) for bv, nw in CONFIGS],
+    configs=[c.triton_config() for c in CONFIGS],
     key=["V", "WRITE_GS", "WRITE_GT"],
 )(tvd_fwd_kernel)
 
@@ -307,14 +309,16 @@ def _launch(kernel, tuned, student, teacher, row_weight, grad_student, grad_teac
         autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
     if config is None and not autotune:
         if device.type == "cpu":
-            block_v, warps = INTERPRETER_CONFIG
-            config = (INTERPRETER_LONG_ROW_BLOCK_V if V > 4096 else block_v, warps)
+            config = INTERPRETER_CONFIG
+            if V > 4096:
+                config = config._replace(block_v=INTERPRETER_LONG_ROW_BLOCK_V)
         else:
             config = CONFIGS[0]
     with on_device(device):
         if config is not None:
-            block_v, warps = config
-            kernel[(n_rows,)](*args, **flags, BLOCK_V=block_v, num_warps=warps)
+            config = RowConfig(*config)
+            kernel[(n_rows,)](*args, **flags, BLOCK_V=config.block_v,
+                              num_warps=config.num_warps)
         else:
             tuned[(n_rows,)](*args, **flags)
     return row_loss, gs, gt
@@ -327,10 +331,10 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     ``symmetric`` selects the symmetric KL over the generalized JSD.
 
     By default a GPU autotunes over CONFIGS (or takes the first with CEX_TRITON_AUTOTUNE=0)
-    and the interpreter runs INTERPRETER_CONFIG; ``config`` (a ``(BLOCK_V, num_warps)``
-    tuple) forces one on any device, as the tests do to check every GPU config;
-    ``autotune=True`` forces the autotuner (the tests give it a stand-in timer under the
-    interpreter).
+    and the interpreter runs INTERPRETER_CONFIG; ``config`` (a :class:`RowConfig`, or a
+    ``(block_v, num_warps)`` tuple) forces one on any device, as the tests do to check every
+    GPU config; ``autotune=True`` forces the autotuner (the tests give it a stand-in timer
+    under the interpreter).
 
     Returns ``(row_loss float32 (N,), grad_student, grad_teacher)``, the gradients
     contiguous in the logits' dtype or empty.
@@ -367,7 +371,7 @@ MODES = {"kl": dict(IS_JSD=False, IS_SYM=False), "jsd": dict(IS_JSD=True, IS_SYM
          "sym": dict(IS_JSD=False, IS_SYM=True)}
 
 
-def _aot_spec(dtype, mode, config, aligned):
+def _aot_spec(dtype, mode, config: RowConfig, aligned):
     block_v, warps = config
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
              "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32"}

@@ -7,11 +7,9 @@ namespace cex {
 namespace cpu {
 
 // student, teacher: (N, V) logits of one floating dtype, unit stride in the last dimension.
-// row_weight: (N,) weights w (0 = dropped row, never read). With p = softmax(student * inv_t),
-// q = softmax(teacher * inv_t) and beta in [0, 1):
-//   beta == 0:  L_r = KL(q || p)
-//   otherwise:  L_r = beta KL(q || m) + (1 - beta) KL(p || m),  m = beta q + (1 - beta) p
-//   symmetric:  L_r = (1 - beta) KL(q || p) + beta KL(p || q)   (beta == 0: KL(q || p))
+// row_weight: (N,) weights w (0 = dropped row, never read). beta in [0, 1) and symmetric pick
+// the row divergence L_r (KL for beta == 0, else generalized JSD or symmetric KL); the math
+// and the gradients are stated once in cex_kernels/ops/_divergence.py.
 // Returns (row_loss (N,) = w * L in float32 (float64 for float64 inputs),
 //          grad_student = w * inv_t * dL/dz_s, grad_teacher = w * inv_t * dL/dz_t)
 // with the gradients in the logits' dtype, each an empty tensor unless asked for.

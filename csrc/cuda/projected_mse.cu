@@ -53,19 +53,7 @@ namespace {
 constexpr int kBlockN = 128;  // shared by every dtype (see projected_mse_num_col_blocks)
 
 // ---------------------------------------------------------------- element helpers
-template <typename T> struct Elem {  // fp32 <-> element conversions
-  __device__ static float to_f(T x) {
-    if constexpr (std::is_same_v<T, float>) return x;
-    else if constexpr (std::is_same_v<T, __half>) return __half2float(x);
-    else return __bfloat162float(x);
-  }
-  __device__ static T from_f(float x) {
-    if constexpr (std::is_same_v<T, float>) return x;
-    else if constexpr (std::is_same_v<T, __half>) return __float2half_rn(x);
-    else return __float2bfloat16_rn(x);
-  }
-};
-
+// (fp32 <-> element conversions: to_float / from_float in common.cuh)
 template <typename T, int V> struct alignas(sizeof(T) * V) VecT { T v[V]; };
 
 template <typename T> struct Params {
@@ -137,7 +125,7 @@ __device__ __forceinline__ void copy_chunk(T* dst, const T* base, int64_t offset
       if constexpr (sizeof(T) == 4) {
         cp_async_4(dst + e, ok ? base + offset + e : base, ok);
       } else {  // 16-bit with unaligned rows: synchronous loads (slow fallback path)
-        dst[e] = ok ? base[offset + e] : Elem<T>::from_f(0.f);
+        dst[e] = ok ? base[offset + e] : from_float<T>(0.f);
       }
     }
   }
@@ -180,11 +168,11 @@ __device__ __forceinline__ float epilogue_group(const T* s_row, T* g_row, int c,
   if (p.epi_vec && c + V <= p.d_s) {
     const VecT<T, V> s = *reinterpret_cast<const VecT<T, V>*>(s_row + c);
 #pragma unroll
-    for (int j = 0; j < V; ++j) d[j] = Elem<T>::to_f(s.v[j]) - y[j];
+    for (int j = 0; j < V; ++j) d[j] = to_float(s.v[j]) - y[j];
     if (g_row != nullptr) {
       VecT<T, V> g;
 #pragma unroll
-      for (int j = 0; j < V; ++j) g.v[j] = Elem<T>::from_f(p.grad_scale * d[j]);
+      for (int j = 0; j < V; ++j) g.v[j] = from_float<T>(p.grad_scale * d[j]);
       *reinterpret_cast<VecT<T, V>*>(g_row + c) = g;
     }
   } else {
@@ -192,8 +180,8 @@ __device__ __forceinline__ float epilogue_group(const T* s_row, T* g_row, int c,
     for (int j = 0; j < V; ++j) {
       d[j] = 0.f;
       if (c + j < p.d_s) {
-        d[j] = Elem<T>::to_f(s_row[c + j]) - y[j];
-        if (g_row != nullptr) g_row[c + j] = Elem<T>::from_f(p.grad_scale * d[j]);
+        d[j] = to_float(s_row[c + j]) - y[j];
+        if (g_row != nullptr) g_row[c + j] = from_float<T>(p.grad_scale * d[j]);
       }
     }
   }

@@ -4,10 +4,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common.cuh"  // cex::cuda::DType
+
 namespace cex {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Number of column blocks the forward kernel splits d_s into; the caller allocates
 // `row_partial` as a float32 array of shape (num_col_blocks, N), row-major.

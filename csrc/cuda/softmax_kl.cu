@@ -1,15 +1,9 @@
 // Fused softmax KL / generalized JSD in CUDA: one thread block per row, gradients in the
 // forward pass.
 //
-// Math (z_s = inv_t * student, z_t = inv_t * teacher, ls/lt their log-softmaxes, p = e^ls,
-// q = e^lt, 0 log 0 = 0):
-//   beta == 0:  L = sum q (lt - ls);  dL/dz_s = p - q;  dL/dz_t = q (lt - ls - L)
-//   0<beta<1:   lm = logaddexp(lt + log beta, ls + log(1-beta));  Kt = sum q (lt - lm);
-//               Ks = sum p (ls - lm);  L = beta Kt + (1-beta) Ks;
-//               dL/dz_s = (1-beta) p (ls - lm - Ks);  dL/dz_t = beta q (lt - lm - Kt)
-//   symmetric, 0<beta<1 (a = 1-beta):  F = sum q (lt - ls);  R = sum p (ls - lt);
-//               L = a F + beta R;  dL/dz_s = a (p - q) + beta p (ls - lt - R);
-//               dL/dz_t = a q (lt - ls - F) + beta (q - p)
+// Math: the loss and gradients per row (KL, generalized JSD, symmetric KL, with the names
+// used here: ls, lt, p, q, lm, Kt, Ks, F, R; a = 1 - beta) are stated once in
+// cex_kernels/ops/_divergence.py. z_s = inv_t * student, z_t = inv_t * teacher.
 // Reverse KL is beta == 0 with the inputs swapped (by the caller).
 // The log-softmax is taken around the raw row max m, before scaling:
 //   ls = (x - m) inv_t - log sum exp((x - m) inv_t)
@@ -29,7 +23,7 @@
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient
 // once (N V itemsize) and 4 N bytes of row losses.
 // Tuned for N = 4096..16384, V = 32k..152k in bf16 (512 threads: 64-300 elements per
-// thread per pass); not yet timed on a GPU.
+// thread per pass).
 #include "softmax_kl.h"
 
 #include <cuda_bf16.h>
@@ -44,21 +38,6 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 struct MaxSum {
   float m, s;  // running raw max and sum of exp(inv_t (x - m))

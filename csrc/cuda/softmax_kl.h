@@ -4,16 +4,14 @@
 #pragma once
 #include <cstdint>
 
-#include "projected_mse.h"  // cex::cuda::DType, shared by every CUDA kernel
+#include "common.cuh"  // cex::cuda::DType
 
 namespace cex {
 namespace cuda {
 
-// For every row r of the (n_rows, V) logits, with p = softmax(inv_t * student[r]),
-// q = softmax(inv_t * teacher[r]) and beta in [0, 1):
-//   beta == 0:  L = KL(q || p)
-//   otherwise:  L = beta KL(q || m) + (1 - beta) KL(p || m),   m = beta q + (1 - beta) p
-//   symmetric:  L = (1 - beta) KL(q || p) + beta KL(p || q)     (beta == 0: KL(q || p))
+// For every row r of the (n_rows, V) logits, beta in [0, 1) and symmetric pick the row
+// divergence L (KL for beta == 0, else generalized JSD or symmetric KL; the math and the
+// gradients are stated once in cex_kernels/ops/_divergence.py):
 //   row_loss[r]     = w[r] * L                       (fp32; 0 where w[r] == 0)
 //   grad_student[r] = w[r] * inv_t * dL/dz_student   (if grad_student != nullptr)
 //   grad_teacher[r] = w[r] * inv_t * dL/dz_teacher   (if grad_teacher != nullptr)

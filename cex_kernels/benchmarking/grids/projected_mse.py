@@ -1,4 +1,4 @@
-"""Benchmark grid of ``projected_mse`` (registered in ``bench_specs.OPS``)."""
+"""Benchmark grid of ``projected_mse``, in ``grids.OPS``."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -6,18 +6,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from cex_kernels.bench_core import Case, OpSpec, backend_skip_reason, compiled, itemsize
+from cex_kernels.benchmarking.spec import (Case, OpSpec, compiled, impl_skip_reason, itemsize,
+                                           our_backends)
 
 
 def eager_projected_mse(student, teacher, projection):
     """The eager baseline: materializes ``teacher @ projection``, then ``F.mse_loss``."""
     return F.mse_loss(student, teacher @ projection)
-
-
-def _skip_reason(impl: str, device: torch.device) -> Optional[str]:
-    if impl in ("eager", "torch.compile", "reference"):
-        return None
-    return backend_skip_reason(impl, device)
 
 
 def _inputs(case: Case, device: torch.device) -> dict:
@@ -75,8 +70,8 @@ PROJECTED_MSE = OpSpec(
             "cuda": [dict(N=16384, d_t=4096, d_s=1024), dict(N=8192, d_t=1024, d_s=256),
                      dict(N=65536, d_t=2048, d_s=512)]},
     dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
-    impls=("cpu", "triton", "cuda", "reference", "eager", "torch.compile"),
-    skip_reason=_skip_reason, make_inputs=_inputs, make_step=_step, flops=_flops,
+    impls=(*our_backends("projected_mse"), "eager", "torch.compile"),
+    skip_reason=impl_skip_reason, make_inputs=_inputs, make_step=_step, flops=_flops,
     min_bytes=_min_bytes,
     notes="FLOPs: one product pass, 2 N d_t d_s, in both modes (the elementwise work is not "
           "counted). Minimal bytes: read S, T, P once; fwd+bwd also writes the gradient.")

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by ``bench/`` and the ``cex bench`` CLI (grids: ``bench_specs``).
+"""Measurement helpers shared by ``bench/`` and the ``cex bench`` CLI (grids: ``benchmarking.grids``).
 
 - generic measurement: :func:`time_fn` (median/min/max/IQR of repeated calls),
   :func:`time_interleaved` (several implementations of one cell, call by call, under a
@@ -8,10 +8,11 @@
   the device's measured peak rates (:func:`measure_peak_gemm_flops`,
   :func:`measure_peak_copy_bandwidth`) for roofline fractions, :func:`device_name` and
   :func:`environment`;
-- per-op benchmark specs and the report runner live in :mod:`cex_kernels.bench_specs`.
+- the per-op grids live in :mod:`cex_kernels.benchmarking.grids`, the report runner in
+  :mod:`cex_kernels.benchmarking.report`.
 
 ``bench/`` is not a package (it is not installed); everything the installed ``cex`` command
-needs lives in these two modules.
+needs lives in this subpackage.
 """
 from __future__ import annotations
 

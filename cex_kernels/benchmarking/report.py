@@ -1,15 +1,5 @@
-"""Benchmark grids per op and the report runner, shared by ``bench/`` and ``cex bench``.
-
-Each :class:`OpSpec` (collected in :data:`OPS`) holds an op's shape grid, the
-implementations compared, how to build inputs and one timed step, and its analytic FLOPs
-and minimal bytes. ``bench/bench_<op>.py`` (pytest-benchmark) and ``bench/report.py`` /
-``cex bench`` (JSON + Markdown, :func:`run_report`) read the grid from here, so they always
-measure the same cases.
-
-Layout: the framework's pieces (:class:`Case`, :class:`OpSpec`, :func:`rates`, ...) are in
-:mod:`cex_kernels.bench_core`, the grids in ``bench_ops_mse.py`` (``projected_mse``) and
-``bench_ops_kl.py`` (``softmax_kl``, ``tvd``, ``linear_kl``), plots in ``bench_plot.py``;
-measurement itself is in :mod:`cex_kernels.bench_utils`. This module re-exports them all.
+"""The report runner: measure an op's grid (every implementation, interleaved, per cell),
+then write it as JSON and Markdown. Shared by ``bench/report.py``, ``cex bench`` and the demo.
 """
 from __future__ import annotations
 
@@ -19,21 +9,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from cex_kernels.bench_core import (METRICS, MODES, Case, OpSpec, backend_skip_reason,  # noqa: F401
-                                    clear_grads, compiled, default_repeats, rates)
-from cex_kernels.bench_ops_kl import (LINEAR_KL, SOFTMAX_KL, TVD, eager_linear_kl,  # noqa: F401
-                                      eager_softmax_kl)
-from cex_kernels.bench_ops_mse import PROJECTED_MSE, eager_projected_mse  # noqa: F401
-from cex_kernels.bench_ops_train import TRAIN_STEP
-from cex_kernels.bench_utils import (NOISY_SPREAD, MiB, device_name, environment,
-                                     measure_peak_copy_bandwidth, measure_peak_gemm_flops,
-                                     paired_ratio, peak_extra_memory, time_fn, time_interleaved)
+from cex_kernels.benchmarking.grids import OPS
+from cex_kernels.benchmarking.measure import (NOISY_SPREAD, MiB, device_name, environment,
+                                              measure_peak_copy_bandwidth,
+                                              measure_peak_gemm_flops, paired_ratio,
+                                              peak_extra_memory, time_fn, time_interleaved)
+from cex_kernels.benchmarking.spec import (Case, OpSpec, clear_grads, default_repeats,
+                                           impl_label, rates)
 
 # Seconds of timed calls per cell (all implementations together), quick and full grids.
 DEFAULT_BUDGET_S = {"quick": 0.5, "full": 2.0}
-
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, TVD,
-                                                         LINEAR_KL, TRAIN_STEP)}
 
 
 # --------------------------------------------------------------------------- report
@@ -82,7 +67,7 @@ def _error_row(spec: OpSpec, impl: str, case: Case, device, error: str) -> dict:
 def measure_cell(spec: OpSpec, impls: Sequence[str], case: Case, device, *, warmup: int,
                  repeats: int, budget_s: float, peaks: Optional[dict] = None) -> list:
     """Time every implementation of one cell interleaved, call by call
-    (:func:`~cex_kernels.bench_utils.time_interleaved`: at least ``repeats`` calls each and
+    (:func:`~cex_kernels.benchmarking.measure.time_interleaved`: at least ``repeats`` calls each and
     ``budget_s`` seconds of timed calls in all), then measure each one's peak extra memory.
     The implementations share one set of inputs (every step clears the gradients it
     creates). One report row per implementation, an ``error`` row for one that fails."""
@@ -345,12 +330,3 @@ def write_report(report: dict, json_path: Optional[str] = None,
             else:
                 f.write(text)
     return md
-
-
-__all__ = ["Case", "OpSpec", "OPS", "MODES", "METRICS", "PROJECTED_MSE", "SOFTMAX_KL", "LINEAR_KL",
-           "TRAIN_STEP",
-           "backend_skip_reason", "clear_grads",
-           "eager_projected_mse", "eager_softmax_kl", "eager_linear_kl", "compiled",
-           "default_repeats", "measure_case", "measure_cell", "measure_peaks", "rates",
-           "run_report", "timing_inversions",
-           "report_markdown", "write_report"]

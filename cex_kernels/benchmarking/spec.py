@@ -1,9 +1,9 @@
 """The benchmark framework's building blocks: a grid cell (:class:`Case`), an op's benchmark
 description (:class:`OpSpec`), repeat counts, ``torch.compile`` caching and roofline rates.
 
-The op grids built from these live in ``bench_ops_*.py``; :mod:`cex_kernels.bench_specs`
-collects them into ``OPS`` and runs the report. Measurement is in
-:mod:`cex_kernels.bench_utils`.
+The op grids built from these live in ``benchmarking/grids/`` (one file per op, collected
+in ``grids.OPS``); :mod:`~cex_kernels.benchmarking.report` runs them. Measurement is in
+:mod:`~cex_kernels.benchmarking.measure`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 MODES = ("fwd", "fwd+bwd")
 
-# Markdown columns an OpSpec can ask for (see bench_specs.report_markdown), in its order.
+# Markdown columns an OpSpec can ask for (see report.report_markdown), in its order.
 METRICS = ("flops", "gemm_fraction", "bandwidth", "bandwidth_fraction", "peak_memory",
            "memory_vs_eager", "speedup")
 
@@ -95,28 +95,69 @@ class OpSpec:
         return reason
 
 
-# What a report calls an implementation: our backends by what they are, the rest as named.
-IMPL_LABELS = {"cpu": "cex C++", "cuda": "cex CUDA", "triton": "cex Triton",
-               "ours": "cex (auto backend)"}
+def our_backends(kernel: str) -> Tuple[str, ...]:
+    """The backends that implement kernel slot ``kernel`` (from the registry): the
+    implementations of ours a grid compares."""
+    from cex_kernels import _backends
+    return _backends.implementing(kernel)
 
 
 def impl_label(impl: str) -> str:
-    """``"cpu"`` -> ``"cex C++"``, ``"cpu/64MiB"`` -> ``"cex C++ (64MiB)"``; others unchanged."""
-    base, _, option = impl.partition("/")
-    if base not in IMPL_LABELS:
-        return impl
-    return IMPL_LABELS[base] + (f" ({option})" if option else "")
-
-
-def backend_skip_reason(backend: str, device: torch.device,
-                        kernel: Optional[str] = None) -> Optional[str]:
-    """Why one of our backends cannot be benchmarked on ``device`` (None: it can), or cannot
-    run kernel slot ``kernel``. Only where ``backend="auto"`` may pick it: the Triton
-    interpreter is no benchmark."""
+    """What a report calls an implementation: our backends by their registry label
+    (``"cpu"`` -> ``"cex C++"``, ``"cpu/64MiB"`` -> ``"cex C++ (64MiB)"``), ``"ours"`` (the
+    auto backend) as such; others unchanged."""
     from cex_kernels import _backends
-    problem = _backends.problem_with(backend, torch.device(device), kernel=kernel,
+    base, _, option = impl.partition("/")
+    if base == "ours":
+        label = "cex (auto backend)"
+    else:
+        label = _backends.get(base).label if base in _backends.names() else ""
+    if not label:
+        return impl
+    return label + (f" ({option})" if option else "")
+
+
+def backend_skip_reason(backend: str, device: torch.device) -> Optional[str]:
+    """Why one of our backends cannot be benchmarked on ``device`` (None: it can). Only
+    where ``backend="auto"`` may pick it: the Triton interpreter is no benchmark."""
+    from cex_kernels import _backends
+    problem = _backends.problem_with(backend, torch.device(device),
                                      devices=_backends.get(backend).auto_devices)
     return None if problem is None else problem[1]
+
+
+def liger_skip_reason(device: torch.device) -> Optional[str]:
+    """Why Liger-Kernel cannot be benchmarked on ``device`` (None: it can)."""
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger_kernel is not installed (`pip install liger-kernel`; it needs CUDA)"
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need a CUDA device"
+    return None
+
+
+def impl_skip_reason(impl: str, device: torch.device) -> Optional[str]:
+    """Why implementation ``impl`` ("eager", "torch.compile", "liger", or one of our
+    backends, optionally with an option after a slash: "cpu/64MiB") cannot run on
+    ``device`` (None: it can)."""
+    backend = impl.partition("/")[0]
+    if backend in ("eager", "torch.compile", "reference"):
+        return None
+    if backend == "liger":
+        return liger_skip_reason(device)
+    return backend_skip_reason(backend, device)
+
+
+def randn(shape, gen: torch.Generator, device, dtype: torch.dtype, scale: float = 1.0):
+    """Standard normal inputs drawn in fp32 from ``gen`` (so every dtype sees the same
+    values before rounding), times ``scale``."""
+    out = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    return (out * scale if scale != 1.0 else out).to(dtype)
+
+
+def generator(device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def clear_grads(inputs: dict) -> None:
@@ -151,7 +192,7 @@ def default_repeats(device, *, quick: bool = False,
     ``spec.repeats`` overrides the full-grid default for its device type (ops whose cells
     take seconds on the CPU); ``quick`` always uses the small default. ``repeats`` is the
     least number of timed calls: the interleaved timer goes on until its time budget is
-    spent (``bench_specs.run_report``).
+    spent (``report.run_report``).
     """
     kind = torch.device(device).type
     if not quick and spec is not None and spec.repeats and kind in spec.repeats:
@@ -181,7 +222,3 @@ def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: s
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-__all__ = ["Case", "OpSpec", "MODES", "METRICS", "backend_skip_reason", "clear_grads",
-           "compiled", "default_repeats", "rates", "itemsize", "IMPL_LABELS", "impl_label"]

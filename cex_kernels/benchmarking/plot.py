@@ -13,7 +13,7 @@ import re
 from collections import defaultdict
 from typing import List
 
-from cex_kernels.bench_utils import MiB
+from cex_kernels.benchmarking.measure import MiB
 
 
 def available() -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cex_kernels.bench_core import Case, OpSpec, compiled
+from cex_kernels.benchmarking.spec import Case, OpSpec, compiled
 
 TEMPERATURE = 2.0
 
