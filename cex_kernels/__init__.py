@@ -9,6 +9,9 @@ Public API:
     DistillKLLoss(*, temperature=1.0, direction="forward", beta=None, ...)
     linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, ...)
     LinearKLLoss(*, temperature=1.0, direction="forward", hard_label_weight=0.0, ...)
+    tvd(student_logits, teacher_logits, *, temperature=1.0, reduction="batchmean", ...)
+    TVDLoss(*, temperature=1.0, reduction="batchmean", ignore_index=-100, backend="auto")
+    linear_tvd(student_hidden, student_weight, teacher_logits=None, *, ...)
     backends()  -> {"triton": bool, "cuda": bool, "cpu": bool, "reference": True}
 
 Training (``cex_kernels.distill``): CurriculumExtraction, OneShotDistillation,
@@ -18,15 +21,17 @@ kernels does not import the trainer (nor Triton, which loads with the first Trit
 import importlib
 
 from cex_kernels._backends import backends
-from cex_kernels.losses import DistillKLLoss, LinearKLLoss, ProjectedMSELoss
+from cex_kernels.losses import DistillKLLoss, LinearKLLoss, ProjectedMSELoss, TVDLoss
 from cex_kernels.ops.linear_kl import linear_kl
 from cex_kernels.ops.projected_mse import projected_mse
 from cex_kernels.ops.softmax_kl import jsd, softmax_kl
+from cex_kernels.ops.tvd import linear_tvd, tvd
 from cex_kernels.projection import random_projection
 
 __version__ = "0.1.0"
 __all__ = ["projected_mse", "random_projection", "ProjectedMSELoss", "backends",
-           "softmax_kl", "jsd", "DistillKLLoss", "linear_kl", "LinearKLLoss",
+           "softmax_kl", "jsd", "DistillKLLoss", "linear_kl", "LinearKLLoss", "tvd",
+           "TVDLoss", "linear_tvd",
            "CurriculumExtraction", "OneShotDistillation", "ProgressiveDistillation", "Trainer",
            "TrainConfig"]
 

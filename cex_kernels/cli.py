@@ -1,6 +1,6 @@
 """The ``cex`` command: benchmarks, backend listing and the Triton ahead-of-time check.
 
-    cex bench [--quick] [--op projected_mse|softmax_kl|linear_kl|all] [--device cpu|cuda]
+    cex bench [--quick] [--op projected_mse|softmax_kl|tvd|linear_kl|all] [--device cpu|cuda]
               [--json PATH] [--md PATH] [--plot DIR]
     cex backends
     cex aot [--arch 80 90] [--json PATH]      (= python -m cex_kernels.triton.aot)

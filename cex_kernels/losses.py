@@ -13,6 +13,7 @@ from cex_kernels.ops.linear_kl import linear_kl
 from cex_kernels.ops.projected_mse import REDUCTIONS as _MSE_REDUCTIONS
 from cex_kernels.ops.projected_mse import projected_mse
 from cex_kernels.ops.softmax_kl import jsd, softmax_kl
+from cex_kernels.ops.tvd import tvd
 from cex_kernels.projection import PROJECTION_KINDS, check_seed, random_projection
 
 
@@ -175,3 +176,28 @@ class LinearKLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "backend")
+
+
+class TVDLoss(nn.Module):
+    """Logit distillation by total variation distance: :func:`cex_kernels.tvd` with fixed
+    settings (no T² factor: see ``ops/tvd.py``).
+
+    ``forward(student_logits, teacher_logits, mask=None, labels=None)``.
+    """
+
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "batchmean",
+                 ignore_index: int = -100, backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.ignore_index, _ = _divergence.check_options(
+            "TVDLoss", temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+            scale_by_t2=False, backend=backend)
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                mask=None, labels=None) -> torch.Tensor:
+        return tvd(student_logits, teacher_logits, temperature=self.temperature,
+                   reduction=self.reduction, mask=mask, labels=labels,
+                   ignore_index=self.ignore_index, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, reduction={self.reduction!r}"

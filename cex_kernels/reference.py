@@ -165,15 +165,29 @@ def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hi
     """Eager ``cex_kernels.linear_kl``: materialize both logits, then ``soft_label_weight``
     times the eager divergence plus ``hard_label_weight`` times the cross-entropy on the
     kept rows (same reduction); ``return_parts`` also returns the two unweighted parts."""
+    if beta is None:  # (else beta and symmetric as given: the resolved form the op passes)
+        beta, symmetric = direction_beta(direction, forward_weight)
+
+    def divergence(logits, teacher):
+        return jsd(logits, teacher, beta=beta, symmetric=symmetric, temperature=temperature,
+                   reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
+                   scale_by_t2=scale_by_t2)
+
+    return _linear_loss(divergence, student_hidden, student_weight, teacher_logits,
+                        teacher_hidden, teacher_weight, student_bias, teacher_bias, reduction,
+                        mask, labels, ignore_index, hard_label_weight, soft_label_weight,
+                        return_parts)
+
+
+def _linear_loss(divergence, student_hidden, student_weight, teacher_logits, teacher_hidden,
+                 teacher_weight, student_bias, teacher_bias, reduction, mask, labels,
+                 ignore_index, hard_label_weight, soft_label_weight, return_parts):
+    """A fused-linear loss, eagerly: ``divergence(student logits, teacher logits)`` (reduced)
+    weighted with the hard-label cross-entropy over the kept rows."""
     logits = F.linear(student_hidden, student_weight, student_bias)
     if teacher_logits is None:
         teacher_logits = F.linear(teacher_hidden, teacher_weight, teacher_bias)
-    teacher_logits = teacher_logits.detach()
-    if beta is None:  # (else beta and symmetric as given: the resolved form the op passes)
-        beta, symmetric = direction_beta(direction, forward_weight)
-    kd = jsd(logits, teacher_logits, beta=beta, symmetric=symmetric, temperature=temperature,
-             reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index,
-             scale_by_t2=scale_by_t2)
+    kd = divergence(logits, teacher_logits.detach())
     ce_loss = torch.zeros_like(kd)
     if labels is not None and (hard_label_weight > 0 or return_parts):
         keep = _kept_rows(logits.shape[:-1], logits.device, mask, labels, ignore_index)
@@ -188,3 +202,73 @@ def linear_kl(student_hidden, student_weight, teacher_logits=None, *, teacher_hi
             ce_loss = ce.sum() / keep.sum().clamp(min=1)
     loss = soft_label_weight * kd + hard_label_weight * ce_loss
     return (loss, kd, ce_loss) if return_parts else loss
+
+
+# --- tvd --------------------------------------------------------------------------------------
+
+def tvd_rows(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+             beta: float = 0.0, symmetric: bool = False) -> torch.Tensor:
+    """Per-row total variation distance ``1/2 sum |softmax(student/T) - softmax(teacher/T)|``
+    (shape ``(...)``). Differentiable (autograd's subgradient of |x| at 0 is 0, as the
+    kernels'). ``beta``/``symmetric`` are ignored (the fused-linear row-loss signature)."""
+    p = F.softmax(student / temperature, dim=-1)
+    q = F.softmax(teacher / temperature, dim=-1)
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def tvd(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0,
+        reduction: str = "batchmean", mask=None, labels=None,
+        ignore_index: int = -100) -> torch.Tensor:
+    """Eager ``cex_kernels.tvd``: per-row distances, dropped rows zeroed, then reduced."""
+    rows = tvd_rows(student, teacher, temperature)
+    keep = _kept_rows(rows.shape, rows.device, mask, labels, ignore_index)
+    rows = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep.sum().clamp(min=1)
+
+
+def tvd_row_kernel(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
+                   inv_temperature: float, grad_student: bool, grad_teacher: bool):
+    """The ``reference`` backend's TVD row kernel (contract in ``ops/tvd.py``): closed-form
+    gradients ``w/T · 1/2 p (sg - Sp)`` and ``w/T · 1/2 q (Sq - sg)``, sg = sign(p - q),
+    around the raw row max, with the NaN rule; fp32 accumulation (float64 for float64)."""
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    w = row_weight.to(acc)[:, None]
+    kept = w != 0
+
+    def softmax(x):
+        x = x.to(acc)
+        return F.softmax((x - x.amax(-1, keepdim=True)) * inv_temperature, dim=-1)
+
+    p, q = softmax(student), softmax(teacher)
+    sg = torch.sign(p - q)
+    loss = 0.5 * (p - q).abs().sum(-1, keepdim=True)
+    zero = torch.zeros((), dtype=acc, device=student.device)
+    row_loss = torch.where(kept, w * loss, zero)[:, 0]
+    g_scale = torch.where(torch.isnan(loss), math.nan, 0.5 * w * inv_temperature)
+
+    def grad(d, want, like):
+        if not want:
+            return like.new_empty((0,))
+        return torch.where(kept, g_scale * d, zero).to(like.dtype)
+
+    return (row_loss, grad(p * (sg - (p * sg).sum(-1, keepdim=True)), grad_student, student),
+            grad(q * ((q * sg).sum(-1, keepdim=True) - sg), grad_teacher, teacher))
+
+
+def linear_tvd(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+               teacher_weight=None, student_bias=None, teacher_bias=None, temperature=1.0,
+               reduction="batchmean", mask=None, labels=None, ignore_index=-100,
+               hard_label_weight=0.0, soft_label_weight=1.0, return_parts=False):
+    """Eager ``cex_kernels.linear_tvd``: as :func:`linear_kl` with the TVD."""
+    def divergence(logits, teacher):
+        return tvd(logits, teacher, temperature=temperature, reduction=reduction, mask=mask,
+                   labels=labels, ignore_index=ignore_index)
+
+    return _linear_loss(divergence, student_hidden, student_weight, teacher_logits,
+                        teacher_hidden, teacher_weight, student_bias, teacher_bias, reduction,
+                        mask, labels, ignore_index, hard_label_weight, soft_label_weight,
+                        return_parts)

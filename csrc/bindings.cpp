@@ -116,6 +116,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
         py::arg("row_weight"), py::arg("inv_temperature"), py::arg("beta"),
         py::arg("symmetric"), py::arg("grad_student"), py::arg("grad_teacher"));
+  m.def("tvd_fwd_cpu", &cex::cpu::tvd_fwd,
+        "Fused total variation distance of softmaxes on the CPU: returns (row_loss, "
+        "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
+        py::arg("row_weight"), py::arg("inv_temperature"), py::arg("grad_student"),
+        py::arg("grad_teacher"));
 #ifdef CEX_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,

@@ -51,7 +51,8 @@ def test_grid_is_shared_and_quick_is_smallest():
 
 
 def test_every_op_is_registered_with_a_grid_per_device():
-    assert set(bench_specs.OPS) == {"projected_mse", "softmax_kl", "linear_kl", "train_step"}
+    assert set(bench_specs.OPS) == {"projected_mse", "softmax_kl", "tvd", "linear_kl",
+                                    "train_step"}
     for spec in bench_specs.OPS.values():
         for kind in ("cpu", "cuda"):
             assert spec.cases(kind) and all(c.op == spec.name for c in spec.cases(kind))

@@ -109,11 +109,12 @@ def test_opcheck(device, backend):
     labels = inputs["labels"].long()
     for reduction, soft, hard, parts in (("batchmean", 1.0, 0.0, False), ("none", 1.0, 0.0, False),
                                          ("sum", 0.5, 0.3, True), ("none", 0.0, 1.0, True)):
-        args = (h, inputs["student_weight"], inputs["student_bias"], inputs["teacher_logits"],
-                None, None, None, kd, ce if hard or parts else None,
-                labels if hard or parts else None, None, soft, hard, 2.0, 0.0, False, reduction,
-                backend, 4, "chunked", True, parts)
-        torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
+        args = (h, inputs["student_weight"], inputs["student_bias"], [inputs["teacher_logits"]],
+                kd, ce if hard or parts else None, labels if hard or parts else None, None,
+                soft, hard, 2.0, 0.0, False, reduction, True, parts, "logits", "kl", backend, 4)
+        torch.library.opcheck(torch.ops.cex.linear_loss_chunked.default, args)
+        if backend == "triton":
+            torch.library.opcheck(torch.ops.cex.linear_kl_tiled.default, args[:16])
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))

@@ -410,9 +410,9 @@ def test_opcheck(device, backend):
     if backend == "cpu":  # the linear op's schema carries the flag too
         h = torch.randn(6, 5, requires_grad=True)
         weight = torch.randn(13, 5)
-        args = (h, weight, None, t, None, None, None, w, None, None, None, 1.0, 0.0, 2.0, 0.6,
-                True, "sum", backend, 4, "chunked", True, False)
-        torch.library.opcheck(torch.ops.cex.linear_kl.default, args)
+        args = (h, weight, None, [t], w, None, None, None, 1.0, 0.0, 2.0, 0.6, True, "sum",
+                True, False, "logits", "kl", backend, 4)
+        torch.library.opcheck(torch.ops.cex.linear_loss_chunked.default, args)
 
 
 def test_fp16_storage_scale_leaves_room_for_both_log_ratio_sides():

@@ -16,7 +16,11 @@ Kernel slots (each with one contract, written next to the op that calls it):
 * ``softmax_kl``: the per-row divergence ``fwd(student2d, teacher2d, row_weight,
   inv_temperature, beta, symmetric, grad_student, grad_teacher) -> (row_loss, grad_student,
   grad_teacher)`` (``ops/_divergence.py``); ``softmax_kl``, ``jsd`` and ``linear_kl`` run it
-  (:data:`KERNEL_OF`).
+  (:data:`KERNEL_OF`);
+* ``tvd``: the per-row total variation distance ``fwd(student2d, teacher2d, row_weight,
+  inv_temperature, grad_student, grad_teacher) -> (row_loss, grad_student, grad_teacher)``
+  (``ops/tvd.py``); ``tvd`` and ``linear_tvd`` run it. The cuda backend does not implement
+  it (``backend="auto"`` skips cuda for it; ``backend="cuda"`` is a ValueError).
 
 The ops ask the registry three things: :func:`resolve_backend` (``"auto"`` or a name ->
 a backend that implements the op's kernel for these tensors, or a clear error),
@@ -174,7 +178,7 @@ class Backend:
 
 
 REGISTRY: List[Backend] = [
-    Backend("triton", "cex_kernels._backends.triton", ("projected_mse", "softmax_kl"),
+    Backend("triton", "cex_kernels._backends.triton", ("projected_mse", "softmax_kl", "tvd"),
             devices=("cuda", "cpu") if TRITON_INTERPRET else ("cuda",), auto_devices=("cuda",),
             dtypes=HALF_AND_FLOAT, problem=_triton_problem, unit_inner_stride=False,
             note="Triton kernels: CUDA tensors; CPU tensors only in the Triton interpreter "
@@ -185,18 +189,19 @@ REGISTRY: List[Backend] = [
             devices=("cuda",), auto_devices=("cuda",), dtypes=HALF_AND_FLOAT,
             problem=_cuda_problem, unit_inner_stride=True,
             note="the compiled CUDA kernels (cex_kernels._C): CUDA tensors", label="cex CUDA"),
-    Backend("cpu", "cex_kernels._backends.cpu", ("projected_mse", "softmax_kl"),
+    Backend("cpu", "cex_kernels._backends.cpu", ("projected_mse", "softmax_kl", "tvd"),
             devices=("cpu",), auto_devices=("cpu",), dtypes=ALL_FLOATS,
             problem=_compiled_problem, unit_inner_stride=True,
             note="the compiled C++ kernels (cex_kernels._C): CPU tensors", label="cex C++"),
-    Backend("reference", "cex_kernels._backends.reference", ("projected_mse", "softmax_kl"),
+    Backend("reference", "cex_kernels._backends.reference",
+            ("projected_mse", "softmax_kl", "tvd"),
             devices=(ANY_DEVICE,), auto_devices=(ANY_DEVICE,), dtypes=ALL_FLOATS,
             problem=lambda: None, unit_inner_stride=False,
             note="eager PyTorch, any device"),
 ]
 
 # Public ops whose kernel slot has another name (every other op's slot is its own name).
-KERNEL_OF = {"jsd": "softmax_kl", "linear_kl": "softmax_kl"}
+KERNEL_OF = {"jsd": "softmax_kl", "linear_kl": "softmax_kl", "linear_tvd": "tvd"}
 
 
 def register(backend: Backend, *, first: bool = False) -> None:

@@ -9,3 +9,7 @@ def projected_mse(*args):
 
 def softmax_kl(*args):
     return _C.softmax_kl_fwd_cpu(*args)
+
+
+def tvd(*args):
+    return _C.tvd_fwd_cpu(*args)

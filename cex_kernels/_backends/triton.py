@@ -10,3 +10,8 @@ def projected_mse(*args):
 def softmax_kl(*args):
     from cex_kernels.triton import softmax_kl as kernels
     return kernels.softmax_kl_fwd(*args)
+
+
+def tvd(*args):
+    from cex_kernels.triton import softmax_kl as kernels
+    return kernels.tvd_fwd(*args)

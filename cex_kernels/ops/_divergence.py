@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 
 from cex_kernels import _backends, _checks
-from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped,
+from cex_kernels.ops._autograd import (fp16_storage_scale, functorch_vmapped, scale_saved,
                                         under_functorch_differentiation)
 
 REDUCTIONS = ("batchmean", "sum", "none")
@@ -193,6 +193,123 @@ def row_weights(keep: Tensor, dtype: torch.dtype, reduction: str, coefficient: f
     return RowWeights(kept * (coefficient * scale), divisor / scale)
 
 
+def reduce_row_loss(row_loss: Tensor, reduction: str, out_scale: Optional[Tensor]) -> Tensor:
+    """A row-divergence op's loss from its kernel's row losses (``"none"``: per row)."""
+    loss = row_loss if reduction == "none" else row_loss.sum()
+    return loss if out_scale is None else loss * out_scale.to(loss.dtype)
+
+
+def fake_row_outputs(student: Tensor, teacher: Tensor, reduction: str, grad_student: bool,
+                     grad_teacher: bool):
+    """A row-divergence op's ``(loss, grad_student, grad_teacher)`` shapes, for its fake."""
+    acc = _checks.accumulation_dtype(student.dtype)
+    return (student.new_empty((student.shape[0],) if reduction == "none" else (), dtype=acc),
+            student.new_empty(tuple(student.shape) if grad_student else (0,)),
+            teacher.new_empty(tuple(teacher.shape) if grad_teacher else (0,)))
+
+
+def scale_stored_gradients(op: str, out: list, needed, computed, stored, grad_loss: Tensor,
+                           reduction: str, out_scale: Optional[Tensor]) -> tuple:
+    """A row-divergence op's backward: each needed input's stored unit gradient times the
+    upstream gradient (per row for ``"none"``) and ``out_scale``, written into ``out``."""
+    factor = grad_loss[:, None] if reduction == "none" else grad_loss
+    if out_scale is not None:
+        factor = factor.float() * out_scale
+    for i in needed:
+        if not computed[i]:
+            raise RuntimeError(f"cex::{op} was called without the gradient of input {i} "
+                               f"({'student' if i == 0 else 'teacher'}), so it kept none; "
+                               f"call cex_kernels.{op}, which sets the flags")
+        out[i] = scale_saved(stored[i], factor)
+    return tuple(out)
+
+
+class Rows(NamedTuple):
+    """What :func:`prepare_rows` hands a row-divergence op: 2-D logits in the layout the
+    backend needs, the row weights, which gradients to compute, and how to shape the result."""
+    student: Tensor
+    teacher: Tensor
+    weights: RowWeights
+    temperature: float
+    grad_student: bool
+    grad_teacher: bool
+    backend: str
+    lead: tuple
+    out_dtype: torch.dtype
+
+    def output(self, loss: Tensor, reduction: str) -> Tensor:
+        loss = loss.to(self.out_dtype)
+        return loss.reshape(self.lead) if reduction == "none" else loss
+
+
+def prepare_rows(op: str, student: Tensor, teacher, *, temperature, reduction, mask, labels,
+                 ignore_index, scale_by_t2, vocab_size, backend, eager, grad_bound):
+    """The checks and preparation every divergence between two logit tensors shares
+    (``softmax_kl``, ``jsd``, ``tvd``): options, a top-k teacher, dtypes under autocast,
+    shapes and ``vocab_size``, row masks, the backend (resolved for ``op``'s kernel slot) and
+    the row weights. ``grad_bound(grad_student, grad_teacher)`` bounds |dL/dz| at T = 1 (sizes
+    fp16's storage scale). Returns :class:`Rows`; under a differentiating torch.func
+    transform, ``eager(student, teacher, temperature=, reduction=, mask=, labels=,
+    ignore_index=, scale_by_t2=)`` (the eager formula, differentiable) in the output dtype."""
+    temperature, ignore_index, scale_by_t2 = check_options(
+        op, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
+        scale_by_t2=scale_by_t2, backend=backend)
+    vocab_size = check_vocab_size(op, vocab_size)
+    if isinstance(teacher, (tuple, list)):
+        teacher = dense_top_k_teacher(op, student, teacher, vocab_size)
+    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
+        _checks.check_tensor(op, name, t)
+    autocast = _checks.autocast_dtype(student.device) is not None
+    if autocast and student.dtype != teacher.dtype:
+        # Under autocast, as autocast does for its fp32 loss ops: compute in the wider dtype.
+        wide = torch.promote_types(student.dtype, teacher.dtype)
+        student, teacher = student.to(wide), teacher.to(wide)
+    dtype = _checks.check_same_dtype(op, student_logits=student, teacher_logits=teacher)
+    extra = {}
+    if mask is not None:
+        extra["mask"] = mask
+    if labels is not None:
+        extra["labels"] = labels
+    _checks.check_row_selectors(op, student.shape[:-1], mask, labels)
+    device = _checks.check_same_device(op, student_logits=student, teacher_logits=teacher,
+                                       **extra)
+    if student.dim() < 1 or teacher.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"cex_kernels.{op}: student_logits {tuple(student.shape)} and "
+                         f"teacher_logits {tuple(teacher.shape)} must have the same leading "
+                         "dimensions (..., V)")
+    v_s, v_t = student.shape[-1], teacher.shape[-1]
+    if vocab_size is not None:
+        if not vocab_size <= min(v_s, v_t):
+            raise ValueError(f"cex_kernels.{op}: vocab_size={vocab_size} must be in [1, "
+                             f"min(student V={v_s}, teacher V={v_t})]")
+        student, teacher = student[..., :vocab_size], teacher[..., :vocab_size]
+    elif v_s != v_t:
+        raise ValueError(f"cex_kernels.{op}: student vocabulary size {v_s} differs from teacher "
+                         f"vocabulary size {v_t} (shapes {tuple(student.shape)} and "
+                         f"{tuple(teacher.shape)}); pass vocab_size= to compare the first "
+                         "vocab_size entries of both")
+    elif v_s == 0:
+        raise ValueError(f"cex_kernels.{op}: empty vocabulary, shape {tuple(student.shape)}")
+    lead = student.shape[:-1]
+    out_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype
+
+    if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
+        return eager(student, teacher, temperature=temperature, reduction=reduction, mask=mask,
+                     labels=labels, ignore_index=ignore_index,
+                     scale_by_t2=scale_by_t2).to(out_dtype)
+
+    backend = _backends.resolve_backend(op, backend, device, dtype)
+    unit = _backends.needs_unit_inner_stride(backend)
+    grad_student = torch.is_grad_enabled() and student.requires_grad
+    grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
+    keep = kept_rows(lead, device, mask, labels, ignore_index)
+    weights = row_weights(keep, dtype, reduction, temperature ** 2 if scale_by_t2 else 1.0,
+                          grad_bound=grad_bound(grad_student, grad_teacher) / temperature)
+    return Rows(_checks.as_rows(student, unit_inner_stride=unit),
+                _checks.as_rows(teacher, unit_inner_stride=unit), weights, temperature,
+                grad_student, grad_teacher, backend, lead, out_dtype)
+
+
 # --- the top-k teacher ----------------------------------------------------------------------
 
 def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:
@@ -218,6 +335,13 @@ def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:
                              "with value -inf")
 
 
+def top_k_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
+    """The scatter itself (unchecked): ``(..., vocab)`` logits, -inf off the support."""
+    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
+    # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
+    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+
+
 @torch.library.custom_op("cex::top_k_to_dense", mutates_args=())
 def top_k_to_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
     """``(values (..., k), indices (..., k))`` -> ``(..., vocab)`` logits, -inf off the support.
@@ -228,9 +352,7 @@ def top_k_to_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
     opaque) instead of being skipped there.
     """
     check_top_k_entries(values, indices, vocab)
-    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
-    # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
-    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+    return top_k_dense(values, indices, vocab)
 
 
 @top_k_to_dense.register_fake
@@ -257,6 +379,24 @@ def dense_top_k_teacher(op: str, student, top_k, vocab_size: Optional[int]) -> T
     the softmax over those k entries, every other logit -inf. They are scattered into a
     -inf-filled ``(..., V)`` tensor (differentiable with respect to ``values``) and the dense
     kernels do the rest; -inf entries are exact there (0 log 0 = 0)."""
+    if not isinstance(student, Tensor) or student.dim() < 1:
+        raise ValueError(f"cex_kernels.{op}: student_logits must be a (..., V) tensor")
+    check_top_k_pair(op, student.shape[:-1], top_k, "student_logits")
+    values, indices = top_k
+    vocab = vocab_size if vocab_size is not None else student.shape[-1]
+    _checks.check_same_device(op, student_logits=student, **{"teacher top-k values": values,
+                                                             "teacher top-k indices": indices})
+    if under_functorch_differentiation():  # torch.func cannot differentiate the custom op
+        if not functorch_vmapped():  # vmap cannot read values to check them
+            check_top_k_entries(values, indices, vocab)
+        return top_k_dense(values, indices, vocab)
+    return top_k_to_dense(values, indices, int(vocab))
+
+
+def check_top_k_pair(op: str, lead, top_k, student_name: str = "student_hidden") -> None:
+    """``top_k`` is ``(values (*lead, k), indices (*lead, k))``, integer indices, k >= 1
+    (the values' dtype and device are checked with the other inputs; the entries
+    themselves by :func:`check_top_k_entries`, inside the ops)."""
     if not all(isinstance(x, Tensor) for x in top_k):
         raise TypeError(f"cex_kernels.{op}: teacher_logits must be a torch.Tensor or a top-k "
                         f"pair of tensors (values, indices), got a {type(top_k).__name__} of "
@@ -266,24 +406,13 @@ def dense_top_k_teacher(op: str, student, top_k, vocab_size: Optional[int]) -> T
                          f"{len(top_k)} tensors")
     values, indices = top_k
     _checks.check_tensor(op, "teacher top-k values", values)
-    if not isinstance(indices, Tensor) or indices.dtype not in (torch.int64, torch.int32):
+    if indices.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"cex_kernels.{op}: teacher top-k indices must be an int64/int32 tensor, "
-                        f"got {getattr(indices, 'dtype', type(indices).__name__)}")
-    if not isinstance(student, Tensor) or student.dim() < 1:
-        raise ValueError(f"cex_kernels.{op}: student_logits must be a (..., V) tensor")
-    vocab = vocab_size if vocab_size is not None else student.shape[-1]
-    if values.shape != indices.shape or values.shape[:-1] != student.shape[:-1]:
+                        f"got {indices.dtype}")
+    if values.shape != indices.shape or values.shape[:-1] != tuple(lead):
         raise ValueError(f"cex_kernels.{op}: top-k values {tuple(values.shape)} and indices "
                          f"{tuple(indices.shape)} must both be (..., k) with the leading dims "
-                         f"of student_logits {tuple(student.shape)}")
+                         f"{tuple(lead)} of {student_name}")
     if values.shape[-1] < 1:  # (k may exceed V with -inf padding; repeats are checked)
         raise ValueError(f"cex_kernels.{op}: a top-k teacher needs k >= 1 entries per row, got 0")
-    _checks.check_same_device(op, student_logits=student, **{"teacher top-k values": values,
-                                                             "teacher top-k indices": indices})
-    if under_functorch_differentiation():  # torch.func cannot differentiate the custom op
-        if not functorch_vmapped():  # vmap cannot read values to check them
-            check_top_k_entries(values, indices, vocab)
-        dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
-        return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
-    return top_k_to_dense(values, indices, int(vocab))
 

@@ -15,11 +15,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from cex_kernels import _backends, _checks, reference
+from cex_kernels import _checks, reference
 from cex_kernels.ops import _divergence
 from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors, scale_saved,
-                                       under_functorch_differentiation)
+                                       saved_tensors)
 from cex_kernels.ops._divergence import DIRECTIONS, REDUCTIONS  # noqa: F401  (re-exported)
 
 
@@ -38,20 +37,13 @@ def softmax_kl_op(student: Tensor, teacher: Tensor, row_weight: Tensor,
     row_loss, grad_s, grad_t = _divergence.divergence_rows(
         backend, student, teacher, row_weight, temperature, beta, symmetric, grad_student,
         grad_teacher)
-    loss = row_loss if reduction == "none" else row_loss.sum()
-    if out_scale is not None:
-        loss = loss * out_scale.to(loss.dtype)
-    return loss, grad_s, grad_t
+    return _divergence.reduce_row_loss(row_loss, reduction, out_scale), grad_s, grad_t
 
 
 @softmax_kl_op.register_fake
 def _(student, teacher, row_weight, out_scale, temperature, beta, symmetric, reduction,
       backend, grad_student, grad_teacher):
-    loss_shape = (student.shape[0],) if reduction == "none" else ()
-    acc = _checks.accumulation_dtype(student.dtype)
-    return (student.new_empty(loss_shape, dtype=acc),
-            student.new_empty(tuple(student.shape) if grad_student else (0,)),
-            teacher.new_empty(tuple(teacher.shape) if grad_teacher else (0,)))
+    return _divergence.fake_row_outputs(student, teacher, reduction, grad_student, grad_teacher)
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,16 +84,9 @@ def _backward(ctx, grad_loss, _gs, _gt):
         for i, g in zip(needed, grads):
             out[i] = g.to(inputs[i].dtype)
         return tuple(out)
-    factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss
-    if out_scale is not None:
-        factor = factor.float() * out_scale
-    for i in needed:
-        if not ctx.computed[i]:
-            raise RuntimeError("cex::softmax_kl was called without the gradient of input "
-                               f"{i} ({'student' if i == 0 else 'teacher'}), so it kept none; "
-                               "call cex_kernels.softmax_kl, which sets the flags")
-        out[i] = scale_saved((grad_s, grad_t)[i], factor)
-    return tuple(out)
+    return _divergence.scale_stored_gradients("softmax_kl", out, needed, ctx.computed,
+                                              (grad_s, grad_t), grad_loss, ctx.reduction,
+                                              out_scale)
 
 
 softmax_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -124,69 +109,18 @@ def _divergence_loss(op: str, student: Tensor, teacher, beta: float, symmetric: 
                      temperature, reduction: str,
                      mask: Optional[Tensor], labels: Optional[Tensor], ignore_index,
                      scale_by_t2, vocab_size, backend: str) -> Tensor:
-    temperature, ignore_index, scale_by_t2 = _divergence.check_options(
-        op, temperature=temperature, reduction=reduction, ignore_index=ignore_index,
-        scale_by_t2=scale_by_t2, backend=backend)
-    vocab_size = _divergence.check_vocab_size(op, vocab_size)
-    if isinstance(teacher, (tuple, list)):
-        teacher = _divergence.dense_top_k_teacher(op, student, teacher, vocab_size)
-    for name, t in (("student_logits", student), ("teacher_logits", teacher)):
-        _checks.check_tensor(op, name, t)
-    autocast = _checks.autocast_dtype(student.device) is not None
-    if autocast and student.dtype != teacher.dtype:
-        # Under autocast, as autocast does for its fp32 loss ops: compute in the wider dtype.
-        wide = torch.promote_types(student.dtype, teacher.dtype)
-        student, teacher = student.to(wide), teacher.to(wide)
-    dtype = _checks.check_same_dtype(op, student_logits=student, teacher_logits=teacher)
-    extra = {}
-    if mask is not None:
-        extra["mask"] = mask
-    if labels is not None:
-        extra["labels"] = labels
-    _checks.check_row_selectors(op, student.shape[:-1], mask, labels)
-    device = _checks.check_same_device(op, student_logits=student, teacher_logits=teacher,
-                                       **extra)
-    if student.dim() < 1 or teacher.dim() < 1 or student.shape[:-1] != teacher.shape[:-1]:
-        raise ValueError(f"cex_kernels.{op}: student_logits {tuple(student.shape)} and "
-                         f"teacher_logits {tuple(teacher.shape)} must have the same leading "
-                         "dimensions (..., V)")
-    v_s, v_t = student.shape[-1], teacher.shape[-1]
-    if vocab_size is not None:
-        if not vocab_size <= min(v_s, v_t):
-            raise ValueError(f"cex_kernels.{op}: vocab_size={vocab_size} must be in [1, "
-                             f"min(student V={v_s}, teacher V={v_t})]")
-        student, teacher = student[..., :vocab_size], teacher[..., :vocab_size]
-    elif v_s != v_t:
-        raise ValueError(f"cex_kernels.{op}: student vocabulary size {v_s} differs from teacher "
-                         f"vocabulary size {v_t} (shapes {tuple(student.shape)} and "
-                         f"{tuple(teacher.shape)}); pass vocab_size= to compare the first "
-                         "vocab_size entries of both")
-    elif v_s == 0:
-        raise ValueError(f"cex_kernels.{op}: empty vocabulary, shape {tuple(student.shape)}")
-    lead = student.shape[:-1]
-    out_dtype = torch.float32 if autocast and dtype != torch.float64 else dtype
-
-    if under_functorch_differentiation():  # torch.func: the eager formula, differentiable
-        loss = reference.jsd(student, teacher, beta=beta, symmetric=symmetric,
-                             temperature=temperature, reduction=reduction, mask=mask,
-                             labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2)
-        return loss.to(out_dtype)
-
-    backend = _backends.resolve_backend(op, backend, device, dtype)
-    unit = _backends.needs_unit_inner_stride(backend)
-    s2 = _checks.as_rows(student, unit_inner_stride=unit)
-    t2 = _checks.as_rows(teacher, unit_inner_stride=unit)
-    grad_student = torch.is_grad_enabled() and student.requires_grad
-    grad_teacher = torch.is_grad_enabled() and teacher.requires_grad
-    keep = _divergence.kept_rows(lead, device, mask, labels, ignore_index)
-    coefficient = temperature ** 2 if scale_by_t2 else 1.0
-    weights = _divergence.row_weights(
-        keep, dtype, reduction, coefficient,
-        grad_bound=_grad_bound(beta, symmetric, grad_student, grad_teacher) / temperature)
-    loss, _, _ = softmax_kl_op(s2, t2, weights.kernel, weights.out_scale, temperature, beta,
-                               symmetric, reduction, backend, grad_student, grad_teacher)
-    loss = loss.to(out_dtype)
-    return loss.reshape(lead) if reduction == "none" else loss
+    rows = _divergence.prepare_rows(
+        op, student, teacher, temperature=temperature, reduction=reduction, mask=mask,
+        labels=labels, ignore_index=ignore_index, scale_by_t2=scale_by_t2,
+        vocab_size=vocab_size, backend=backend,
+        eager=lambda s, t, **kw: reference.jsd(s, t, beta=beta, symmetric=symmetric, **kw),
+        grad_bound=lambda gs, gt: _grad_bound(beta, symmetric, gs, gt))
+    if not isinstance(rows, _divergence.Rows):  # the eager formula's result
+        return rows
+    loss, _, _ = softmax_kl_op(rows.student, rows.teacher, rows.weights.kernel,
+                               rows.weights.out_scale, rows.temperature, beta, symmetric,
+                               reduction, rows.backend, rows.grad_student, rows.grad_teacher)
+    return rows.output(loss, reduction)
 
 
 def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,

@@ -1,4 +1,5 @@
-"""Fused softmax KL / generalized JSD / symmetric KL in Triton: one program per row, gradients in the forward.
+"""Fused softmax KL / generalized JSD / symmetric KL (and total variation distance, its own
+kernel ``tvd_fwd_kernel``) in Triton: one program per row, gradients in the forward.
 
 The loss and gradients per row (KL, generalized JSD, symmetric KL) and the kernel contract
 are stated once in ``cex_kernels/ops/_divergence.py``; names here follow it (z = s / T,
@@ -95,6 +96,25 @@ def _fill_row(g_ptr, V, value, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm, stride_tm, stride_gsm, stride_gtm):
+    """This program's row and the four row pointers moved to it (64-bit offsets: N * V may
+    exceed 2^31)."""
+    row = tl.program_id(0).to(tl.int64)
+    return (row, s_ptr + row * stride_sm, t_ptr + row * stride_tm, gs_ptr + row * stride_gsm,
+            gt_ptr + row * stride_gtm)
+
+
+@triton.jit
+def _fill_gradients(gs_ptr, gt_ptr, V, value, WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr,
+                    BLOCK_V: tl.constexpr):
+    """Each requested gradient row set to ``value`` (0 for a dropped row, NaN for a NaN loss)."""
+    if WRITE_GS:
+        _fill_row(gs_ptr, V, value, BLOCK_V)
+    if WRITE_GT:
+        _fill_row(gt_ptr, V, value, BLOCK_V)
+
+
+@triton.jit
 def _log_mixture(ls, lt, log_b, log_1mb):
     a = lt + log_b
     b = ls + log_1mb
@@ -111,19 +131,13 @@ def softmax_kl_fwd_kernel(
     IS_JSD: tl.constexpr, IS_SYM: tl.constexpr, WRITE_GS: tl.constexpr,
     WRITE_GT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # 64-bit row offsets: N * V may exceed 2^31
-    s_ptr += row * stride_sm
-    t_ptr += row * stride_tm
-    gs_ptr += row * stride_gsm
-    gt_ptr += row * stride_gtm
+    row, s_ptr, t_ptr, gs_ptr, gt_ptr = _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm,
+                                                  stride_tm, stride_gsm, stride_gtm)
     offs = tl.arange(0, BLOCK_V)
     w = tl.load(w_ptr + row)
     if w == 0.0:  # dropped row: write zeros, read nothing
         tl.store(loss_ptr + row, 0.0)
-        if WRITE_GS:
-            _fill_row(gs_ptr, V, 0.0, BLOCK_V)
-        if WRITE_GT:
-            _fill_row(gt_ptr, V, 0.0, BLOCK_V)
+        _fill_gradients(gs_ptr, gt_ptr, V, 0.0, WRITE_GS, WRITE_GT, BLOCK_V)
     else:
         ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
         mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
@@ -164,10 +178,7 @@ def softmax_kl_fwd_kernel(
             loss = kt
         tl.store(loss_ptr + row, w * loss)
         if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
-            if WRITE_GS:
-                _fill_row(gs_ptr, V, float("nan"), BLOCK_V)
-            if WRITE_GT:
-                _fill_row(gt_ptr, V, float("nan"), BLOCK_V)
+            _fill_gradients(gs_ptr, gt_ptr, V, float("nan"), WRITE_GS, WRITE_GT, BLOCK_V)
         # Pass 3: the gradients that need the row totals.
         elif (WRITE_GS and not FUSE_GS) or WRITE_GT:
             for start in range(0, V, BLOCK_V):
@@ -203,10 +214,114 @@ def softmax_kl_fwd_kernel(
                         tl.store(gt_ptr + cols, gt.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def tvd_fwd_kernel(
+    s_ptr, t_ptr, w_ptr, loss_ptr, gs_ptr, gt_ptr,
+    V, stride_sm, stride_sv, stride_tm, stride_tv, stride_gsm, stride_gtm, inv_t,
+    WRITE_GS: tl.constexpr, WRITE_GT: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Total variation distance of one row (one program per row), with p, q as above and
+    sg = sign(p - q) (0 where equal):
+
+        L = 1/2 sum |p - q|,   Sp = sum p sg,   Sq = sum q sg
+        dL/dz = 1/2 p (sg - Sp),   dL/dz' = 1/2 q (Sq - sg)
+
+    (the softmax Jacobian applied to dL/dp = sg / 2, the subgradient 0 at p == q). L is in
+    [0, 1] and |dL/dz| <= 1. Same passes, row weight, dropped rows and NaN rule as
+    softmax_kl_fwd_kernel: pass 1 the two rows' statistics, pass 2 the three sums, pass 3
+    the gradients (which need Sp, Sq).
+    FLOPs per element: 2 exp (pass 1) + 2 exp and ~8 ops (pass 2) + 2 exp and ~6 ops
+    (pass 3). Minimal bytes: read both logits once (2 N V itemsize), write each requested
+    gradient once (N V itemsize) and 4 N bytes of row losses: bandwidth-bound.
+    """
+    row, s_ptr, t_ptr, gs_ptr, gt_ptr = _this_row(s_ptr, t_ptr, gs_ptr, gt_ptr, stride_sm,
+                                                  stride_tm, stride_gsm, stride_gtm)
+    offs = tl.arange(0, BLOCK_V)
+    w = tl.load(w_ptr + row)
+    if w == 0.0:  # dropped row: write zeros, read nothing
+        tl.store(loss_ptr + row, 0.0)
+        _fill_gradients(gs_ptr, gt_ptr, V, 0.0, WRITE_GS, WRITE_GT, BLOCK_V)
+    else:
+        ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
+        mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
+        acc_abs = tl.zeros((BLOCK_V,), tl.float32)
+        acc_sp = tl.zeros((BLOCK_V,), tl.float32)
+        acc_sq = tl.zeros((BLOCK_V,), tl.float32)
+        # Pass 2 (masked lanes load -inf: p = q = 0, so their terms are 0).
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            p = tl.exp(_log_softmax(s_ptr, cols, mask, stride_sv, ms, cs, inv_t))
+            q = tl.exp(_log_softmax(t_ptr, cols, mask, stride_tv, mt, ct, inv_t))
+            sg = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+            acc_abs += tl.abs(p - q)
+            acc_sp += p * sg
+            acc_sq += q * sg
+        loss = 0.5 * tl.sum(acc_abs, axis=0)
+        tl.store(loss_ptr + row, w * loss)
+        if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
+            _fill_gradients(gs_ptr, gt_ptr, V, float("nan"), WRITE_GS, WRITE_GT, BLOCK_V)
+        elif WRITE_GS or WRITE_GT:  # Pass 3
+            sp = tl.sum(acc_sp, axis=0)
+            sq = tl.sum(acc_sq, axis=0)
+            half_scale = 0.5 * w * inv_t
+            for start in range(0, V, BLOCK_V):
+                cols = start + offs
+                mask = cols < V
+                p = tl.exp(_log_softmax(s_ptr, cols, mask, stride_sv, ms, cs, inv_t))
+                q = tl.exp(_log_softmax(t_ptr, cols, mask, stride_tv, mt, ct, inv_t))
+                sg = tl.where(p > q, 1.0, tl.where(p < q, -1.0, 0.0))
+                if WRITE_GS:
+                    gs = p * (sg - sp) * half_scale
+                    tl.store(gs_ptr + cols, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+                if WRITE_GT:
+                    gt = q * (sq - sg) * half_scale
+                    tl.store(gt_ptr + cols, gt.to(gt_ptr.dtype.element_ty), mask=mask)
+
+
 softmax_kl_fwd_tuned = triton.autotune(
     configs=[c.triton_config() for c in CONFIGS],
     key=["V", "IS_JSD", "IS_SYM", "WRITE_GS", "WRITE_GT"],
 )(softmax_kl_fwd_kernel)
+tvd_fwd_tuned = triton.autotune(
+    configs=[c.triton_config() for c in CONFIGS],
+    key=["V", "WRITE_GS", "WRITE_GT"],
+)(tvd_fwd_kernel)
+
+
+def _launch(kernel, tuned, student, teacher, row_weight, grad_student, grad_teacher,
+            scalars, flags, config, autotune):
+    """Allocate the outputs and launch ``kernel`` (or its autotuned ``tuned``) with one
+    program per row: the row-kernel arguments, then ``scalars``, then ``flags``."""
+    n_rows, V = student.shape
+    device = student.device
+    gs = torch.empty((n_rows, V) if grad_student else (0,), dtype=student.dtype, device=device)
+    gt = torch.empty((n_rows, V) if grad_teacher else (0,), dtype=teacher.dtype, device=device)
+    row_loss = torch.zeros((n_rows,), dtype=torch.float32, device=device)
+    if n_rows == 0 or V == 0:
+        return row_loss, gs, gt
+    weight = row_weight.to(torch.float32).contiguous()
+    args = (student, teacher, weight, row_loss, gs if grad_student else student,
+            gt if grad_teacher else teacher, V, *student.stride(), *teacher.stride(),
+            V if grad_student else 0, V if grad_teacher else 0, *scalars)
+    flags = dict(flags, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
+    if autotune is None:
+        autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
+    if config is None and not autotune:
+        if device.type == "cpu":
+            config = INTERPRETER_CONFIG
+            if V > 4096:
+                config = config._replace(block_v=INTERPRETER_LONG_ROW_BLOCK_V)
+        else:
+            config = CONFIGS[0]
+    with on_device(device):
+        if config is not None:
+            config = RowConfig(*config)
+            kernel[(n_rows,)](*args, **flags, BLOCK_V=config.block_v,
+                              num_warps=config.num_warps)
+        else:
+            tuned[(n_rows,)](*args, **flags)
+    return row_loss, gs, gt
 
 
 def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
@@ -224,42 +339,25 @@ def softmax_kl_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     Returns ``(row_loss float32 (N,), grad_student, grad_teacher)``, the gradients
     contiguous in the logits' dtype or empty.
     """
-    n_rows, V = student.shape
-    device = student.device
-    gs = torch.empty((n_rows, V) if grad_student else (0,), dtype=student.dtype, device=device)
-    gt = torch.empty((n_rows, V) if grad_teacher else (0,), dtype=teacher.dtype, device=device)
-    row_loss = torch.zeros((n_rows,), dtype=torch.float32, device=device)
-    if n_rows == 0 or V == 0:
-        return row_loss, gs, gt
-    weight = row_weight.to(torch.float32).contiguous()
     # Decided in double: a beta that rounds to 0 in fp32 (< 1.4e-45) is still a JSD; a
     # symmetric one is the forward KL (its 0 weight must not multiply an infinite R).
     is_jsd = not symmetric and beta > 0.0
     is_sym = bool(symmetric) and struct.unpack("f", struct.pack("f", beta))[0] > 0.0
     log_b = math.log(beta) if is_jsd else 0.0
     log_1mb = math.log1p(-beta) if is_jsd else 0.0
-    args = (student, teacher, weight, row_loss, gs if grad_student else student,
-            gt if grad_teacher else teacher, V, *student.stride(), *teacher.stride(),
-            V if grad_student else 0, V if grad_teacher else 0,
-            float(inv_temperature), float(beta), log_b, log_1mb)
-    flags = dict(IS_JSD=is_jsd, IS_SYM=is_sym, WRITE_GS=grad_student, WRITE_GT=grad_teacher)
-    if autotune is None:
-        autotune = AUTOTUNE and device.type != "cpu"  # no autotuning under the interpreter
-    if config is None and not autotune:
-        if device.type == "cpu":
-            config = INTERPRETER_CONFIG
-            if V > 4096:
-                config = config._replace(block_v=INTERPRETER_LONG_ROW_BLOCK_V)
-        else:
-            config = CONFIGS[0]
-    with on_device(device):
-        if config is not None:
-            config = RowConfig(*config)
-            softmax_kl_fwd_kernel[(n_rows,)](*args, **flags, BLOCK_V=config.block_v,
-                                             num_warps=config.num_warps)
-        else:
-            softmax_kl_fwd_tuned[(n_rows,)](*args, **flags)
-    return row_loss, gs, gt
+    return _launch(softmax_kl_fwd_kernel, softmax_kl_fwd_tuned, student, teacher, row_weight,
+                   grad_student, grad_teacher,
+                   (float(inv_temperature), float(beta), log_b, log_1mb),
+                   dict(IS_JSD=is_jsd, IS_SYM=is_sym), config, autotune)
+
+
+def tvd_fwd(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
+            inv_temperature: float, grad_student: bool, grad_teacher: bool, *, config=None,
+            autotune=None):
+    """The total-variation row kernel (``tvd_fwd_kernel``), launched as
+    :func:`softmax_kl_fwd` (same inputs without beta, same returns and options)."""
+    return _launch(tvd_fwd_kernel, tvd_fwd_tuned, student, teacher, row_weight, grad_student,
+                   grad_teacher, (float(inv_temperature),), {}, config, autotune)
 
 
 # Ahead-of-time compile specs: every config, for each dtype and each mode, with both
@@ -276,23 +374,26 @@ MODES = {"kl": dict(IS_JSD=False, IS_SYM=False), "jsd": dict(IS_JSD=True, IS_SYM
 def _aot_spec(dtype, mode, config: RowConfig, aligned):
     block_v, warps = config
     types = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
-             "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32", "beta": "fp32",
-             "log_b": "fp32", "log_1mb": "fp32"}
-    constexprs = {**MODES[mode], "WRITE_GS": True, "WRITE_GT": True, "BLOCK_V": block_v}
+             "gs_ptr": f"*{dtype}", "gt_ptr": f"*{dtype}", "inv_t": "fp32"}
+    if mode == "tvd":
+        kernel, name, constexprs = tvd_fwd_kernel, "tvd_fwd", {}
+    else:
+        kernel, name, constexprs = softmax_kl_fwd_kernel, "softmax_kl_fwd", MODES[mode]
+        types.update({"beta": "fp32", "log_b": "fp32", "log_1mb": "fp32"})
+    constexprs = {**constexprs, "WRITE_GS": True, "WRITE_GT": True, "BLOCK_V": block_v}
     divisible = ()
     if aligned:
         constexprs.update({"stride_sv": 1, "stride_tv": 1})
         divisible = ("s_ptr", "t_ptr", "w_ptr", "loss_ptr", "gs_ptr", "gt_ptr") + _INT_ARGS
-    return aot_spec(softmax_kl_fwd_kernel,
-                    f"softmax_kl_fwd[{dtype}/{mode},{block_v},w{warps}"
-                    f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
+    return aot_spec(kernel, f"{name}[{dtype}/{mode},{block_v},w{warps}"
+                            f"{'' if aligned else ',generic'}]", types, constexprs, divisible,
                     num_warps=warps, num_stages=1)
 
 
 def aot_specs():
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for mode in MODES:
+        for mode in (*MODES, "tvd"):
             specs += [_aot_spec(dtype, mode, cfg, aligned=True) for cfg in CONFIGS]
             specs.append(_aot_spec(dtype, mode, CONFIGS[0], aligned=False))
     return specs

@@ -10,6 +10,10 @@
 //               F = sum q (lt - ls), R = sum p (ls - lt), L = a F + beta R
 //               dL/dz_s = a (p - q) + beta p (ls - lt - R)
 //               dL/dz_t = a q (lt - ls - F) + beta (q - p)
+//   TVD (tvd_fwd; its own kernel, same passes): sg = sign(p - q) (0 where equal),
+//               L = 1/2 sum |p - q|,  Sp = sum p sg,  Sq = sum q sg
+//               dL/dz_s = 1/2 p (sg - Sp);   dL/dz_t = 1/2 q (Sq - sg)
+//               (the softmax's Jacobian applied to dL/dp = sg/2; L in [0, 1], |dL/dz| <= 1)
 // (reverse KL is beta == 0 with the inputs swapped, done by the caller; symmetric with
 // beta == 0 is the forward KL). Outputs are
 // multiplied by the row weight w (mask, T^2, batchmean divisor) and the gradients by inv_t.
@@ -30,7 +34,7 @@
 // A row of V fp32 logits is 4V bytes, so passes 2-4 read from L2 up to V ~ 64k and from L3
 // beyond; DRAM sees each input once.
 // FLOPs per element: about 3 exp + 1 log1p (JSD), 2 exp (KL) or 3-4 exp (symmetric) plus
-// ~10 arithmetic ops.
+// ~10 arithmetic ops; TVD 6 exp (2 per pass: it keeps no probabilities) + ~16 ops.
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
 // (N V itemsize), plus 4 N for the row losses.
 // Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
@@ -233,6 +237,46 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
   return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 
+// Total variation distance of one row (see the TVD comment at the top). Returns w * L;
+// writes gs / gt when not null.
+template <typename T>
+T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec zero(T(0)), one(T(1));
+  const RowStats<T> stats_s = row_stats(s, V, inv_t), stats_t = row_stats(t, V, inv_t);
+  const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
+      ct(stats_t.log_sum);
+  auto prob = [&](const T* x, const Vec& m, const Vec& c, int64_t i, int64_t count) {
+    const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
+    return ((v - m) * vinv - c).exp();
+  };
+  auto sign = [&](const Vec& p, const Vec& q) {  // sign(p - q), 0 where equal
+    return Vec::blendv(zero, one, p > q) - Vec::blendv(zero, one, p < q);
+  };
+  BlockedSum<T> acc_abs, acc_sp, acc_sq;
+  for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
+    const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+    const Vec sg = sign(p, q);
+    acc_abs.add(Vec::blendv(zero, (p - q).abs(), valid));
+    acc_sp.add(Vec::blendv(zero, p * sg, valid));
+    acc_sq.add(Vec::blendv(zero, q * sg, valid));
+  });
+  const T l1 = acc_abs.result(), sp = acc_sp.result(), sq = acc_sq.result();
+  if (gs != nullptr || gt != nullptr) {
+    const Vec vsp(sp), vsq(sq), half_scale(T(0.5) * w * inv_t);
+    auto put = [&](T* out, int64_t i, int64_t count, const Vec& v) {
+      if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
+    };
+    for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
+      const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+      const Vec sg = sign(p, q);
+      if (gs != nullptr) put(gs, i, count, p * (sg - vsp) * half_scale);
+      if (gt != nullptr) put(gt, i, count, q * (vsq - sg) * half_scale);
+    });
+  }
+  return w * T(0.5) * l1;
+}
+
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 // fp32 rows with AVX2 + FMA, chosen at run time. The extension is compiled for the
@@ -417,12 +461,72 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   }
   return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
+CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv_t, float w,
+                            float* gs, float* gt) {
+  const __m256 vinv = _mm256_set1_ps(inv_t), one = _mm256_set1_ps(1.0f);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t), stats_t = avx2_row_stats(t, V, inv_t);
+  const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
+  const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
+  // Dead lanes load -inf, so p = q = 0 and every term there is 0.
+  auto prob = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
+    return Sleef_expf8_u10(_mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c));
+  };
+  auto sign = [&](__m256 p, __m256 q) CEX_AVX2 {  // sign(p - q), 0 where equal
+    return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_GT_OQ), one),
+                         _mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_LT_OQ), one));
+  };
+  BlockedSum8 acc_abs, acc_sp, acc_sq;
+  for (int64_t i = 0; i < V; i += 8) {
+    const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+    acc_abs.add(_mm256_and_ps(_mm256_sub_ps(p, q), abs_mask));
+    acc_sp.add(_mm256_mul_ps(p, sg));
+    acc_sq.add(_mm256_mul_ps(q, sg));
+  }
+  const float l1 = acc_abs.result(), sp = acc_sp.result(), sq = acc_sq.result();
+  if (gs != nullptr || gt != nullptr) {
+    const __m256 vsp = _mm256_set1_ps(sp), vsq = _mm256_set1_ps(sq);
+    const __m256 half_scale = _mm256_set1_ps(0.5f * w * inv_t);
+    for (int64_t i = 0; i < V; i += 8) {
+      const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+      if (gs != nullptr)
+        store8(gs + i, V - i, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(sg, vsp)), half_scale));
+      if (gt != nullptr)
+        store8(gt + i, V - i, _mm256_mul_ps(_mm256_mul_ps(q, _mm256_sub_ps(vsq, sg)), half_scale));
+    }
+  }
+  return w * 0.5f * l1;
+}
 #endif  // x86-64 GCC/Clang
 
-template <typename scalar_t, typename acc_t>
-void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
-                     const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
-                     at::Tensor& grad_t, acc_t inv_t, const Mixture<acc_t>& mix) {
+// A row on the AVX2 path when it applies (fp32 on an AVX2+FMA CPU), else the portable one.
+template <typename T>
+T any_divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
+                     T* gs, T* gt) {
+#ifdef CEX_HAVE_AVX2_ROWS
+  if constexpr (std::is_same<T, float>::value) {
+    if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt);
+  }
+#endif
+  return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt);
+}
+
+template <typename T>
+T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+#ifdef CEX_HAVE_AVX2_ROWS
+  if constexpr (std::is_same<T, float>::value) {
+    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt);
+  }
+#endif
+  return tvd_row<T>(s, t, V, inv_t, w, gs, gt);
+}
+
+// Runs kernel_row(s, t, w_r, gs, gt) -> w_r * L over every kept row, in parallel, with the
+// widening of fp16/bf16 rows and the NaN rule; the divergences differ only in kernel_row.
+template <typename scalar_t, typename acc_t, typename RowFn>
+void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
+                  const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
+                  at::Tensor& grad_t, RowFn kernel_row) {
   constexpr bool widen = !std::is_same<scalar_t, acc_t>::value;
   const int64_t n_rows = student.size(0), V = student.size(1);
   const scalar_t* s_base = student.data_ptr<scalar_t>();
@@ -435,14 +539,6 @@ void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
   // About 64k elements of work per task, at least one row.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1));
 
-  auto kernel_row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
-#ifdef CEX_HAVE_AVX2_ROWS
-    if constexpr (std::is_same<acc_t, float>::value) {
-      if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt);
-    }
-#endif
-    return divergence_row<acc_t>(s, t, V, inv_t, mix, w_r, gs, gt);
-  };
   // The NaN rule, in one place for both paths: the max/min used on the way may have
   // dropped a NaN from some entries' gradients (and q == 0 entries skip it), so a NaN
   // loss overwrites the whole row of each requested gradient. Rare: costs nothing else.
@@ -482,43 +578,74 @@ void divergence_rows(const at::Tensor& student, const at::Tensor& teacher,
   });
 }
 
+// The checks and outputs both row kernels share; returns the empty outputs to fill.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_rows(
+    const char* name, const at::Tensor& student, const at::Tensor& teacher,
+    const at::Tensor& row_weight, bool grad_student, bool grad_teacher) {
+  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && row_weight.device().is_cpu(),
+              "cex cpu ", name, ": all tensors must be on the CPU");
+  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
+              "cex cpu ", name, ": expected 2-D student and teacher of one shape, got ",
+              student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == student.size(0),
+              "cex cpu ", name, ": row_weight must be (N,) = (", student.size(0), ",), got ",
+              row_weight.sizes());
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
+              "cex cpu ", name, ": dtypes differ: ", student.scalar_type(), " and ",
+              teacher.scalar_type());
+  TORCH_CHECK((student.stride(1) == 1 || student.size(1) <= 1) &&
+                  (teacher.stride(1) == 1 || teacher.size(1) <= 1),
+              "cex cpu ", name, ": logits need unit stride in their last dimension");
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor weight = row_weight.to(acc_dtype).contiguous();
+  at::Tensor row_loss = at::zeros({student.size(0)}, student.options().dtype(acc_dtype));
+  at::Tensor grad_s = grad_student ? at::empty(student.sizes(), student.options())
+                                   : at::empty({0}, student.options());
+  at::Tensor grad_t = grad_teacher ? at::empty(teacher.sizes(), teacher.options())
+                                   : at::empty({0}, teacher.options());
+  return {weight, row_loss, grad_s, grad_t};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
     double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher) {
-  TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && row_weight.device().is_cpu(),
-              "cex cpu softmax_kl: all tensors must be on the CPU");
-  TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
-              "cex cpu softmax_kl: expected 2-D student and teacher of one shape, got ",
-              student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == student.size(0),
-              "cex cpu softmax_kl: row_weight must be (N,) = (", student.size(0), ",), got ",
-              row_weight.sizes());
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type(),
-              "cex cpu softmax_kl: dtypes differ: ", student.scalar_type(), " and ",
-              teacher.scalar_type());
-  TORCH_CHECK((student.stride(1) == 1 || student.size(1) <= 1) &&
-                  (teacher.stride(1) == 1 || teacher.size(1) <= 1),
-              "cex cpu softmax_kl: logits need unit stride in their last dimension");
   TORCH_CHECK(beta >= 0.0 && beta < 1.0, "cex cpu softmax_kl: beta must be in [0, 1), got ", beta);
-
-  const int64_t n_rows = student.size(0);
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor weight = row_weight.to(acc_dtype).contiguous();
-  at::Tensor row_loss = at::zeros({n_rows}, student.options().dtype(acc_dtype));
-  at::Tensor grad_s = grad_student ? at::empty(student.sizes(), student.options())
-                                   : at::empty({0}, student.options());
-  at::Tensor grad_t = grad_teacher ? at::empty(teacher.sizes(), teacher.options())
-                                   : at::empty({0}, teacher.options());
-  if (n_rows == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
-
+  auto [weight, row_loss, grad_s, grad_t] =
+      prepare_rows("softmax_kl", student, teacher, row_weight, grad_student, grad_teacher);
+  if (student.size(0) == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
+  const int64_t V = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                   "cex_softmax_kl_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    divergence_rows<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
-                                     static_cast<acc_t>(inv_temperature),
-                                     Mixture<acc_t>(beta, symmetric));
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    const Mixture<acc_t> mix(beta, symmetric);
+    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
+                                  [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
+                                      acc_t* gt) {
+      return any_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt);
+    });
+  });
+  return {row_loss, grad_s, grad_t};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    double inv_temperature, bool grad_student, bool grad_teacher) {
+  auto [weight, row_loss, grad_s, grad_t] =
+      prepare_rows("tvd", student, teacher, row_weight, grad_student, grad_teacher);
+  if (student.size(0) == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
+  const int64_t V = student.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                  "cex_tvd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t inv_t = static_cast<acc_t>(inv_temperature);
+    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
+                                  [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
+                                      acc_t* gt) {
+      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt);
+    });
   });
   return {row_loss, grad_s, grad_t};
 }

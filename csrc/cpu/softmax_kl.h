@@ -1,4 +1,4 @@
-// CPU softmax-KL / generalized-JSD kernel (ATen-level interface; see softmax_kl.cpp).
+// CPU softmax-KL / generalized-JSD and total-variation kernels (ATen-level interface; see softmax_kl.cpp).
 #pragma once
 #include <ATen/ATen.h>
 #include <tuple>
@@ -19,6 +19,12 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
     double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher);
+
+// Total variation distance, same inputs and outputs (no beta): L_r = 1/2 sum |p - q|,
+// gradients w * inv_t * dL/dz with the subgradient sign(0) = 0 (math in softmax_kl.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
+    const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
+    double inv_temperature, bool grad_student, bool grad_teacher);
 
 }  // namespace cpu
 }  // namespace cex

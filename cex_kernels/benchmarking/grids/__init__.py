@@ -8,9 +8,9 @@ from typing import Dict
 
 from cex_kernels.benchmarking.grids.linear_kl import LINEAR_KL
 from cex_kernels.benchmarking.grids.projected_mse import PROJECTED_MSE
-from cex_kernels.benchmarking.grids.softmax_kl import SOFTMAX_KL
+from cex_kernels.benchmarking.grids.softmax_kl import SOFTMAX_KL, TVD
 from cex_kernels.benchmarking.grids.train_step import TRAIN_STEP
 from cex_kernels.benchmarking.spec import OpSpec
 
-OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, LINEAR_KL,
-                                                         TRAIN_STEP)}
+OPS: Dict[str, OpSpec] = {spec.name: spec for spec in (PROJECTED_MSE, SOFTMAX_KL, TVD,
+                                                         LINEAR_KL, TRAIN_STEP)}

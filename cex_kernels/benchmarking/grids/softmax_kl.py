@@ -1,8 +1,10 @@
-"""Benchmark grid of ``softmax_kl`` (with its ``jsd`` variant), in ``grids.OPS``.
+"""Benchmark grids of the losses of two logit tensors: ``softmax_kl`` (with its ``jsd``
+variant) and ``tvd``, in ``grids.OPS``.
 
-Baselines: ``eager`` (log-softmaxes + ``F.kl_div``), ``torch.compile`` of the same function,
-and Liger-Kernel when it imports and the device is CUDA (``LigerKLDIVLoss`` with its
-log-softmaxes counted in; ``LigerJSD``).
+Baselines: ``eager`` (log-softmaxes + ``F.kl_div``; softmaxes + ``abs`` for the TVD),
+``torch.compile`` of the same function, and Liger-Kernel when it imports and the device is
+CUDA (``LigerKLDIVLoss`` with its log-softmaxes counted in; ``LigerJSD``; ``LigerTVDLoss``,
+which takes probabilities, with its softmaxes counted in).
 """
 from __future__ import annotations
 
@@ -87,6 +89,12 @@ def _softmax_kl_step(impl: str, case: Case, inputs: dict) -> Callable[[], object
     else:
         def loss_fn(s, t):
             return cex_kernels.softmax_kl(s, t, temperature=TEMPERATURE, backend=impl)
+    return _logits_step(loss_fn, case, s, t)
+
+
+def _logits_step(loss_fn, case: Case, s, t) -> Callable[[], object]:
+    """The timed call of a loss of two logit tensors: forward, or forward and backward
+    with ``s.grad`` cleared first (so every call allocates it)."""
     if case.mode == "fwd":
         return lambda: loss_fn(s, t)
 
@@ -112,21 +120,86 @@ def _softmax_kl_min_bytes(case: Case) -> int:
     return elems * itemsize(case.dtype)
 
 
+# What the grids of these memory-bound losses share.
+_LOGITS_SPEC = dict(
+    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
+    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
+    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"))
+
 SOFTMAX_KL = OpSpec(
     name="softmax_kl",
     shapes={"cpu": [dict(N=4096, V=32000), dict(N=1024, V=50257), dict(N=2048, V=128256)],
             "cuda": [dict(N=8192, V=131072), dict(N=16384, V=32000), dict(N=4096, V=256000)]},
-    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
     impls=(*our_backends("softmax_kl"), "eager", "torch.compile", "liger"),
+    **_LOGITS_SPEC,
     # The JSD is timed on the GPU grid (the CPU grid keeps to forward KL: its reference
     # rows alone take minutes); `cex bench --op softmax_kl` on a CUDA machine runs both.
     variants={"cpu": ("kl",), "cuda": ("kl", "jsd")},
     skip_reason=impl_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_softmax_kl_step,
     flops=_softmax_kl_flops, min_bytes=_softmax_kl_min_bytes,
-    repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
-    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"),
     notes=f"Temperature {TEMPERATURE}, forward KL (variant kl) or JSD beta 0.5 (variant jsd), batchmean. GB/s: minimal bytes (read both "
           "logits once; fwd+bwd also writes the student's N x V gradient) over the median "
           "time; % copy BW: that over the measured copy bandwidth (read + write), the "
           "roofline of this memory-bound op. FLOPs (JSON only) are nominal: 10 per logit "
           "fwd, 12 fwd+bwd.")
+
+
+# --------------------------------------------------------------------------- tvd
+
+def eager_tvd(student_logits, teacher_logits, temperature: float = TEMPERATURE):
+    """The eager baseline: 1/2 sum |softmax(s/T) - softmax(t/T)|, mean over rows."""
+    p = F.softmax(student_logits / temperature, -1)
+    q = F.softmax(teacher_logits / temperature, -1)
+    return 0.5 * (p - q).abs().sum(-1).mean()
+
+
+def _liger_tvd(student_logits, teacher_logits):
+    """``LigerTVDLoss`` (batchmean) on the two softmaxes (it takes probabilities)."""
+    if "tvd" not in _LIGER_MODULES:
+        from liger_kernel.transformers.tvd import LigerTVDLoss
+        _LIGER_MODULES["tvd"] = LigerTVDLoss(reduction="batchmean")
+    return _LIGER_MODULES["tvd"](F.softmax(student_logits / TEMPERATURE, -1),
+                                 F.softmax(teacher_logits / TEMPERATURE, -1))
+
+
+def _tvd_step(impl: str, case: Case, inputs: dict) -> Callable[[], object]:
+    """One timed call (fwd+bwd clears ``student.grad`` first, as for softmax_kl)."""
+    import cex_kernels
+    if impl == "eager":
+        loss_fn = eager_tvd
+    elif impl == "torch.compile":
+        loss_fn = compiled(eager_tvd)
+    elif impl == "liger":
+        loss_fn = _liger_tvd
+    else:
+        def loss_fn(s, t):
+            return cex_kernels.tvd(s, t, temperature=TEMPERATURE, backend=impl)
+    return _logits_step(loss_fn, case, inputs["student"], inputs["teacher"])
+
+
+TVD_FLOPS_PER_ELEMENT = {"fwd": 16, "fwd+bwd": 24}
+
+
+def _tvd_flops(case: Case) -> int:
+    # Nominal (memory-bound op): per logit, 4 for each of the two softmax statistics (max,
+    # subtract, exp, sum), 8 for the three sums of the distance pass (2 exp, |p - q|, the
+    # sign, two products); fwd+bwd +8 for the gradient pass. The kernels' docstrings count
+    # the same way (triton/softmax_kl.py tvd_fwd_kernel, csrc/cpu/softmax_kl.cpp).
+    return TVD_FLOPS_PER_ELEMENT[case.mode] * case.sizes["N"] * case.sizes["V"]
+
+
+TVD = OpSpec(
+    name="tvd",
+    shapes={"cpu": [dict(N=1024, V=32000), dict(N=512, V=128256)],
+            "cuda": [dict(N=8192, V=131072), dict(N=4096, V=256000)]},
+    # our_backends: the registry's backends with a TVD kernel (cuda has none)
+    impls=(*our_backends("tvd"), "eager", "torch.compile", "liger"),
+    **_LOGITS_SPEC,
+    skip_reason=impl_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_tvd_step,
+    flops=_tvd_flops, min_bytes=_softmax_kl_min_bytes,
+    notes=f"Temperature {TEMPERATURE}, total variation distance of the softmaxes, mean over "
+          "rows. GB/s: minimal bytes (read both logits once; fwd+bwd also writes the "
+          "student's N x V gradient) over the median time; % copy BW: that over the measured "
+          "copy bandwidth, the roofline of this memory-bound op. FLOPs (JSON only) are "
+          "nominal: 16 per logit fwd, 24 fwd+bwd. The cuda backend has no TVD kernel; "
+          "Liger's TVD takes probabilities, so its row counts the softmaxes.")
