@@ -78,6 +78,17 @@ def create_graph_requested() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
+def eager_gradients(loss: torch.Tensor, inputs, wanted, grad_loss, out: list) -> tuple:
+    """Backward's outputs: ``out`` (the op's all-None gradient structure) with entry i, for i
+    in ``wanted``, the differentiable gradient of an eager ``loss`` built from ``inputs``
+    (the double-backward path), in input i's dtype."""
+    grads = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad_loss, create_graph=True)
+    out = list(out)
+    for i, g in zip(wanted, grads):
+        out[i] = g.to(inputs[i].dtype)
+    return tuple(out)
+
+
 def under_functorch_differentiation() -> bool:
     """True inside a torch.func transform that differentiates (grad, vjp, jacrev, hessian,
     jvp, jacfwd). The custom ops' gradients are closed forms those transforms cannot use,

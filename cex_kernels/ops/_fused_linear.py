@@ -43,8 +43,8 @@ from torch import Tensor
 
 from cex_kernels import _backends, _checks
 from cex_kernels.ops import _divergence
-from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors, scale_saved,
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, eager_gradients,
+                                       save_tensors, saved_tensors, scale_saved,
                                        under_functorch_differentiation)
 
 TEACHER_KINDS = ("logits", "hidden", "top_k")
@@ -326,11 +326,7 @@ def register_autograd(op, name: str, describe: Callable) -> None:
                         [as_constant(t) for t in x] if isinstance(x, list) else x
                         for x in inputs]
             loss = eager_loss(constant, *describe(inputs))
-            grads = torch.autograd.grad(loss, [constant[i] for i in wanted], grad_loss,
-                                        create_graph=True)
-            for i, g in zip(wanted, grads):
-                out[i] = g.to(inputs[i].dtype)
-            return tuple(out)
+            return eager_gradients(loss, constant, wanted, grad_loss, out)
         weight_dtype = ctx.dtypes[1]
         out_scale = inputs[_I["out_scale"]]
         if ctx.reduction == "none":

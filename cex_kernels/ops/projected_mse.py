@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
-from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors, scale_saved,
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, eager_gradients,
+                                       save_tensors, saved_tensors, scale_saved,
                                        under_functorch_differentiation)
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -100,12 +100,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     needed = [i for i in range(3) if ctx.needs_input_grad[i]]
     if create_graph_requested():  # differentiable: recompute with the eager formula
         loss = _eager_loss(ctx.reduction, *(as_constant(x) for x in inputs))
-        grads = torch.autograd.grad(loss,
-                                    [inputs[i] for i in needed], grad_loss, create_graph=True)
-        out = [None] * 6
-        for i, g in zip(needed, grads):
-            out[i] = g.to(inputs[i].dtype)
-        return tuple(out)
+        return eager_gradients(loss, inputs, needed, grad_loss, [None] * 6)
     # Scale the stored unit gradient (in place when nobody will read it again, so the
     # student's gradient costs no second (N, d_s) tensor).
     factor = grad_loss[:, None] if ctx.reduction == "none" else grad_loss

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from cex_kernels import _checks, reference
 from cex_kernels.ops import _divergence
-from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors)
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, eager_gradients,
+                                       save_tensors, saved_tensors)
 from cex_kernels.ops._divergence import DIRECTIONS, REDUCTIONS  # noqa: F401  (re-exported)
 
 
@@ -79,11 +79,7 @@ def _backward(ctx, grad_loss, _gs, _gt):
     if create_graph_requested():  # differentiable: recompute with the eager formula
         inputs = (student, teacher)
         loss = _eager_loss(ctx, as_constant(student), as_constant(teacher), row_weight, out_scale)
-        grads = torch.autograd.grad(loss,
-                                    [inputs[i] for i in needed], grad_loss, create_graph=True)
-        for i, g in zip(needed, grads):
-            out[i] = g.to(inputs[i].dtype)
-        return tuple(out)
+        return eager_gradients(loss, inputs, needed, grad_loss, out)
     return _divergence.scale_stored_gradients("softmax_kl", out, needed, ctx.computed,
                                               (grad_s, grad_t), grad_loss, ctx.reduction,
                                               out_scale)

@@ -38,8 +38,8 @@ from torch import Tensor
 
 from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence, _fused_linear
-from cex_kernels.ops._autograd import (as_constant, create_graph_requested, save_tensors,
-                                       saved_tensors)
+from cex_kernels.ops._autograd import (as_constant, create_graph_requested, eager_gradients,
+                                       save_tensors, saved_tensors)
 from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared
 
 # |dL/dz| <= 1 per logit at T = 1 (sizes fp16's storage scale; 2 leaves a factor of room).
@@ -91,11 +91,7 @@ def _backward(ctx, grad_loss, _gs, _gt):
         rows = reference.tvd_rows(inputs[0].to(acc), inputs[1].to(acc), ctx.temperature)
         rows = torch.where(w != 0, w * rows, torch.zeros((), dtype=acc, device=rows.device))
         loss = rows if ctx.reduction == "none" else rows.sum()
-        grads = torch.autograd.grad(loss, [inputs[i] for i in needed], grad_loss,
-                                    create_graph=True)
-        for i, g in zip(needed, grads):
-            out[i] = g.to(inputs[i].dtype)
-        return tuple(out)
+        return eager_gradients(loss, inputs, needed, grad_loss, out)
     return _divergence.scale_stored_gradients("tvd", out, needed, ctx.computed,
                                               (grad_s, grad_t), grad_loss, ctx.reduction,
                                               out_scale)
