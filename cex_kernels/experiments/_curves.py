@@ -12,11 +12,13 @@ from cex_kernels.distill import Trainer, TrainConfig
 def fit_with_curve(method, dataset, *, batch_size: int, lr: float, device: str, seed: int,
                    eval_every: int, evaluate: Callable[[torch.nn.Module], Dict[str, float]],
                    optimizer_factory: Optional[Callable] = None,
-                   max_grad_norm: Optional[float] = None) -> Dict:
+                   max_grad_norm: Optional[float] = None,
+                   train_options: Optional[Dict] = None) -> Dict:
     """Train with :class:`Trainer`, calling ``evaluate(student)`` every ``eval_every`` steps
     and at each phase end. Returns ``{"curve": [...], "result": TrainResult, "seconds"}``;
     each curve point has ``step``, ``samples``, ``flops`` (cumulative training matmul FLOPs:
-    earlier phases' totals plus the current phase's so far), ``phase`` and the metrics."""
+    earlier phases' totals plus the current phase's so far), ``phase`` and the metrics.
+    ``train_options``: further :class:`TrainConfig` fields (e.g. ``lr_schedule``)."""
     evals: List[Dict] = []
 
     def eval_fn(model, phase, global_step):
@@ -26,7 +28,8 @@ def fit_with_curve(method, dataset, *, batch_size: int, lr: float, device: str, 
 
     config = TrainConfig(batch_size=batch_size, lr=lr, device=device, seed=seed,
                          eval_every=eval_every, log_every=eval_every, progress_bar=False,
-                         tensorboard=False, print_schedule=False, max_grad_norm=max_grad_norm)
+                         tensorboard=False, print_schedule=False, max_grad_norm=max_grad_norm,
+                         **(train_options or {}))
     t0 = time.perf_counter()
     result = Trainer(method, dataset, config, eval_fn=eval_fn,
                      optimizer_factory=optimizer_factory).fit()
