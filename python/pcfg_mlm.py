@@ -15,7 +15,8 @@ progressive distillation needs.
 
 **The teacher must have learnt more than local statistics**: the recipe fits Witten-Bell
 smoothed n-gram models that predict a chosen token from the corrupted tokens around it (the
-two-sided trigram: left neighbour, the token itself, right neighbour; and a two-sided 5-gram)
+two-sided trigram: left neighbour, the token itself, right neighbour; and two-sided 5- and
+7-grams, reported only)
 and refuses to report students (exit status 3) unless the teacher's held-out masked loss is
 ``--margin`` nats below the trigram's and below the labels-only student's.
 
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nats the teacher must be below the trigram and labels-only student")
     e.add_argument("--eval-windows", type=int, default=512, help="held-out windows")
     e.add_argument("--ngram-windows", type=int, default=8192, help="windows to fit n-grams on")
-    e.add_argument("--eval-every", type=int, default=25, help="steps between evaluations")
+    e.add_argument("--eval-every", type=int, default=50,
+                   help="student steps between evaluations")
     add_run_arguments(p, "pcfg_mlm")
     return p
 
@@ -230,7 +232,7 @@ def train_teacher(args, grammar, heldout, log) -> Dict:
         if done % every == 0 and done < args.teacher_steps and \
                 len(checkpoints) < args.teacher_checkpoints - 1:
             checkpoints.append({"step": done, "state": copy.deepcopy(model.state_dict())})
-        if done % (args.eval_every * 4) == 0 or done == args.teacher_steps:
+        if done % max(1, args.teacher_steps // 18) == 0 or done == args.teacher_steps:
             ev = evaluate(model, heldout)
             secs = time.perf_counter() - t0
             history.append({"step": done, "train_loss": loss.item(), **ev, "seconds": secs})
@@ -272,7 +274,8 @@ def load_or_train_teacher(args, grammar, heldout, log) -> Dict:
 def ngram_baselines(grammar, args, heldout) -> Dict[str, Dict[str, float]]:
     fit = masked_windows(grammar, args.ngram_windows, args, seed=2_000_000)
     out = {}
-    for name, offsets in (("trigram", (-1, 0, 1)), ("5-gram", (-2, -1, 0, 1, 2))):
+    for name, offsets in (("trigram", (-1, 0, 1)), ("5-gram", (-2, -1, 0, 1, 2)),
+                          ("7-gram", (-3, -2, -1, 0, 1, 2, 3))):
         model = NGramMLM(offsets, grammar.vocab).fit(fit["input_ids"], fit["labels"])
         out[name] = model.evaluate(heldout["input_ids"], heldout["labels"])
     return out
@@ -300,7 +303,7 @@ class NoTeacher(torch.nn.Module):
         self.vocab = vocab
 
     def forward(self, ids):
-        return torch.zeros(*ids.shape, self.vocab)
+        return torch.zeros(*ids.shape, self.vocab, device=ids.device)
 
 
 def build_method(name, args, teacher, student, checkpoints):
