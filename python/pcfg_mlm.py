@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--student-heads", type=int, default=8)
     s.add_argument("--steps", type=int, default=400, help="each student's optimizer steps")
     s.add_argument("--batch-size", type=int, default=32, help="windows per student step")
-    s.add_argument("--lr", type=float, default=5e-3, help="student peak learning rate")
+    s.add_argument("--lr", type=float, default=2e-3, help="student peak learning rate")
     s.add_argument("--warmup", type=int, default=20, help="warmup steps of each phase")
     s.add_argument("--hidden-fraction", type=float, default=0.25,
                    help="share of curriculum extraction's steps for its block phases")
