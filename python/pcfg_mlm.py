@@ -38,8 +38,8 @@ Measured on the 2-core CPU (2026-12-02), defaults: held-out masked loss teacher 
 two-sided trigram 0.817, 5-gram 0.553, 7-gram 0.497. Students (400 steps, seeds 0/1/2):
 labels 1.042/1.047/1.041, one-shot 1.035/1.042/1.032, argmax 1.046/1.052/1.044, progressive
 1.032/1.037/1.029, curriculum extraction 1.044/1.049/1.047: no student leaves the unigram
-plateau. With ``--steps 1200`` (seed 0): labels 0.788, one-shot 0.624, progressive 0.624,
-curriculum extraction 0.812. **The paper's curriculum-extraction advantage is not
+plateau. With ``--steps 1200`` (seeds 0/1): labels 0.788/0.861, one-shot 0.624/0.676,
+progressive 0.624/0.652, curriculum extraction 0.812/0.770. **The paper's curriculum-extraction advantage is not
 reproduced here.** Results and every difference from the paper: python/RESULTS.md (section 3).
 """
 from __future__ import annotations
