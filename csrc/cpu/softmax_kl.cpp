@@ -36,8 +36,8 @@
 // A row of V fp32 logits is 4V bytes, so passes 2-4 read from L2 up to V ~ 64k and from L3
 // beyond; DRAM sees each input once.
 // FLOPs per element: 2 exp (KL, symmetric), plus 1 exp + 1 log1p per mixture pass (JSD:
-// 1 pass, 2 with gradients), plus ~10 arithmetic ops; TVD 6 exp (2 per pass: it keeps no
-// probabilities) + ~16 ops.
+// 1 pass, 2 with gradients), plus ~10 arithmetic ops; TVD 2 exp (its passes keep the
+// exponentials the same way) + ~16 ops.
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
 // (N V itemsize), plus 4 N for the row losses.
 // Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
@@ -273,23 +273,22 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
 // Total variation distance of one row (see the TVD comment at the top). Returns w * L;
 // writes gs / gt when not null.
 template <typename T>
-T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0)), one(T(1));
-  const RowStats<T> stats_s = row_stats<T>(s, V, inv_t, nullptr),
-                    stats_t = row_stats<T>(t, V, inv_t, nullptr);
-  const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
-      ct(stats_t.log_sum);
-  auto prob = [&](const T* x, const Vec& m, const Vec& c, int64_t i, int64_t count) {
-    const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
-    return ((v - m) * vinv - c).exp();
+  const ExpRows<T> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const RowStats<T> stats_s = row_stats<T>(s, V, inv_t, e.es),
+                    stats_t = row_stats<T>(t, V, inv_t, e.et);
+  const Vec is(stats_s.inv_sum), it(stats_t.inv_sum);
+  auto prob = [&](const T* x, const Vec& inv, int64_t i, int64_t count) {  // dead lanes: 0
+    return (count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count)) * inv;
   };
   auto sign = [&](const Vec& p, const Vec& q) {  // sign(p - q), 0 where equal
     return Vec::blendv(zero, one, p > q) - Vec::blendv(zero, one, p < q);
   };
   BlockedSum<T> acc_abs, acc_sp, acc_sq;
   for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
-    const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+    const Vec p = prob(e.es, is, i, count), q = prob(e.et, it, i, count);
     const Vec sg = sign(p, q);
     acc_abs.add(Vec::blendv(zero, (p - q).abs(), valid));
     acc_sp.add(Vec::blendv(zero, p * sg, valid));
@@ -302,7 +301,7 @@ T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
       if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
     };
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
-      const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+      const Vec p = prob(e.es, is, i, count), q = prob(e.et, it, i, count);
       const Vec sg = sign(p, q);
       if (gs != nullptr) put(gs, i, count, p * (sg - vsp) * half_scale);
       if (gt != nullptr) put(gt, i, count, q * (vsq - sg) * half_scale);
@@ -516,16 +515,16 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv_t, float w,
-                            float* gs, float* gt) {
-  const __m256 vinv = _mm256_set1_ps(inv_t), one = _mm256_set1_ps(1.0f);
+                            float* gs, float* gt, float* scratch) {
+  const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, nullptr),
-                        stats_t = avx2_row_stats(t, V, inv_t, nullptr);
-  const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
-  const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
-  // Dead lanes load -inf, so p = q = 0 and every term there is 0.
-  auto prob = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
-    return Sleef_expf8_u10(_mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c));
+  const ExpRows<float> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
+                        stats_t = avx2_row_stats(t, V, inv_t, e.et);
+  const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
+  // Dead lanes load 0, so p = q = 0 and every term there is 0.
+  auto prob = [&](const float* x, __m256 inv, int64_t i) CEX_AVX2 {
+    return _mm256_mul_ps(load8_or_zero(x + i, V - i), inv);
   };
   auto sign = [&](__m256 p, __m256 q) CEX_AVX2 {  // sign(p - q), 0 where equal
     return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_GT_OQ), one),
@@ -533,7 +532,7 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
   };
   BlockedSum8 acc_abs, acc_sp, acc_sq;
   for (int64_t i = 0; i < V; i += 8) {
-    const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+    const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
     acc_abs.add(_mm256_and_ps(_mm256_sub_ps(p, q), abs_mask));
     acc_sp.add(_mm256_mul_ps(p, sg));
     acc_sq.add(_mm256_mul_ps(q, sg));
@@ -543,7 +542,7 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
     const __m256 vsp = _mm256_set1_ps(sp), vsq = _mm256_set1_ps(sq);
     const __m256 half_scale = _mm256_set1_ps(0.5f * w * inv_t);
     for (int64_t i = 0; i < V; i += 8) {
-      const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+      const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
       if (gs != nullptr)
         store8(gs + i, V - i, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(sg, vsp)), half_scale));
       if (gt != nullptr)
@@ -567,13 +566,13 @@ T any_divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T
 }
 
 template <typename T>
-T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt);
+    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt, scratch);
   }
 #endif
-  return tvd_row<T>(s, t, V, inv_t, w, gs, gt);
+  return tvd_row<T>(s, t, V, inv_t, w, gs, gt, scratch);
 }
 
 // Runs kernel_row(s, t, w_r, gs, gt, scratch) -> w_r * L over every kept row, in parallel,
@@ -700,10 +699,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
                                   "cex_tvd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 0,
+    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 2,
                                   [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
-                                      acc_t* gt, acc_t*) {
-      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt);
+                                      acc_t* gt, acc_t* scratch) {
+      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt, scratch);
     });
   });
   return {row_loss, grad_s, grad_t};
