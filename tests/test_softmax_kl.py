@@ -260,6 +260,48 @@ def test_retain_graph_backward_twice(device, backend):
     torch.testing.assert_close(s.grad, 4 * first)
 
 
+@pytest.mark.parametrize("device,backend", backend_cases())
+def test_unit_upstream_skip_never_scales_a_kept_gradient_twice(device, backend):
+    # Backward skips its scaling pass for an upstream of exactly 1 (CPU). Upstream 1 twice
+    # with retain_graph, then 2 without: if a skipped pass let .grad alias the stored
+    # gradient, the second accumulation would double it and the third backward read it.
+    s, t = make_logits((6,), 9, torch.float32, device, seed=3)
+    s.requires_grad_()
+    loss = cex_kernels.softmax_kl(s, t, reduction="sum", backend=backend)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (loss * 2).backward()
+    rs = s.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(oracle.softmax_kl(rs, t.double(), reduction="sum"), rs)
+    assert_close_to_reference(s.grad, 4 * ref, torch.float32, "1, 1 (retained), then 2")
+
+
+@pytest.mark.parametrize("device,backend", backend_cases())
+@pytest.mark.parametrize("upstream", [[1.0] * 5, [1.0, 0.5, 1.0, -3.0, 1.0]], ids=["ones", "mixed"])
+def test_per_row_upstream_with_reduction_none(device, backend, upstream):
+    s, t = make_logits((5,), 11, torch.float32, device, seed=4)
+    s.requires_grad_()
+    g = torch.tensor(upstream, device=device)
+    cex_kernels.jsd(s, t, beta=0.3, reduction="none", backend=backend).backward(g)
+    rs = s.detach().double().requires_grad_()
+    oracle.jsd(rs, t.double(), beta=0.3, reduction="none").backward(g.double())
+    assert_close_to_reference(s.grad, rs.grad, torch.float32, f"upstream {upstream}")
+
+
+@pytest.mark.parametrize("upstream", [1.0, 2.0 ** 13, 2.0 ** 15, 3.0])
+def test_fp16_upstream_scales_including_a_total_factor_of_one(upstream):
+    # fp16 stores S x gradient (no divisor) and scales by upstream / S in backward ("sum"):
+    # an upstream equal to S (2^13 here: the forward KL bounds |dL/dz| by 2) makes the total
+    # factor exactly 1, and the pass is skipped.
+    s16, t16 = make_logits((64,), 50, torch.float16, "cpu", seed=5)
+    s = s16.clone().requires_grad_()
+    (cex_kernels.softmax_kl(s, t16, reduction="sum", backend="cpu") * upstream).backward()
+    rs = s16.double().requires_grad_()
+    (oracle.softmax_kl(rs, t16.double(), reduction="sum") * upstream).backward()
+    assert torch.isfinite(s.grad).all()
+    assert_close_to_reference(s.grad, rs.grad, torch.float16, f"fp16 upstream {upstream}")
+
+
 def test_non_contiguous_and_vocab_size():
     s, t = make_logits((8,), 40, torch.float32, "cpu", seed=12)
     for backend in ("cpu", "reference"):

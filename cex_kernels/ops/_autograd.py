@@ -47,12 +47,31 @@ def may_scale_in_place(grad: Tensor) -> bool:
         return False
 
 
+def is_exactly_one(factor: Tensor) -> bool:
+    """True when every entry of ``factor`` is exactly 1, read only where that costs no device
+    sync and the tensor has values: a plain CPU tensor outside tracing (a fake or
+    functorch-wrapped tensor, or a CUDA one, answers False)."""
+    if (torch.compiler.is_compiling() or type(factor) is not torch.Tensor
+            or factor.device.type != "cpu"
+            or torch._C._functorch.is_functorch_wrapped_tensor(factor)):
+        return False
+    return bool((factor == 1).all())
+
+
 def scale_saved(grad: Tensor, factor: Tensor) -> Tensor:
     """``grad * factor`` in ``grad``'s dtype, computed in fp32 and rounded once (in place
-    when allowed). ``factor`` may be fp32 and broadcast (per-row upstream gradients)."""
+    when allowed). ``factor`` may be fp32 and broadcast (per-row upstream gradients).
+
+    In place with a factor of exactly 1 (the usual upstream 1 in fp32, CPU), the pass is
+    skipped: ``x * 1`` is ``x`` bit for bit (NaN, -0 and inf included), and the tensor
+    returned is the same one ``mul_`` would return. With ``retain_graph`` a new tensor is
+    returned as before (the saved one is read again and must not be aliased by ``.grad``)."""
     if factor.dtype != grad.dtype and grad.dtype in (torch.float32, torch.float64):
         factor = factor.to(grad.dtype)
     if may_scale_in_place(grad):
+        if (grad.device == factor.device and is_exactly_one(factor)
+                and torch.broadcast_shapes(factor.shape, grad.shape) == grad.shape):
+            return grad
         return grad.mul_(factor)
     return (grad * factor).to(grad.dtype)
 

@@ -28,13 +28,16 @@
 // in every entry of each requested gradient, whatever the max/min NaN semantics below.
 //
 // Passes over a row: (1) max of each row (vectorized), (2) sum of exp for each, giving the
-// log-normalizers, (3) the loss terms -- and, for KL with only the student gradient, the
-// gradient too -- (4) the gradients when they need the row totals (teacher gradient, JSD,
-// symmetric).
+// log-normalizers, and keeping the exponentials e = exp((x - m) inv_t) (ExpRows: in the
+// gradient rows being written anyway, else a per-thread scratch row), (3) the loss terms
+// -- and, for KL with only the student gradient, the gradient too -- (4) the gradients
+// when they need the row totals (teacher gradient, JSD, symmetric). Passes 3-4 take the
+// softmax as e / sum (one multiply) instead of a second exp.
 // A row of V fp32 logits is 4V bytes, so passes 2-4 read from L2 up to V ~ 64k and from L3
 // beyond; DRAM sees each input once.
-// FLOPs per element: about 3 exp + 1 log1p (JSD), 2 exp (KL) or 3-4 exp (symmetric) plus
-// ~10 arithmetic ops; TVD 6 exp (2 per pass: it keeps no probabilities) + ~16 ops.
+// FLOPs per element: 2 exp (KL, symmetric), plus 1 exp + 1 log1p per mixture pass (JSD:
+// 1 pass, 2 with gradients), plus ~10 arithmetic ops; TVD 2 exp (its passes keep the
+// exponentials the same way) + ~16 ops.
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
 // (N V itemsize), plus 4 N for the row losses.
 // Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
@@ -119,15 +122,22 @@ struct Mixture {
         log_1mb(static_cast<T>(jsd ? std::log1p(-b) : 0.0)) {}
 };
 
-// A row's raw max m and log sum_i exp(inv_t (x_i - m)): its log-softmax is
-// inv_t (x - m) - log_sum.
+// A row's raw max m, log sum_i exp(inv_t (x_i - m)) and 1 / that sum: its log-softmax is
+// inv_t (x - m) - log_sum, its softmax exp(inv_t (x - m)) * inv_sum.
 template <typename T>
 struct RowStats {
-  T max, log_sum;
+  T max, log_sum, inv_sum;
 };
 
 template <typename T>
-RowStats<T> row_stats(const T* x, int64_t V, T inv_t) {
+RowStats<T> stats_from_sum(T max, double sum) {
+  return {max, static_cast<T>(std::log(sum)), static_cast<T>(1.0 / sum)};
+}
+
+// The row's stats; when `e` is not null, also keeps e_i = exp(inv_t (x_i - m)) there, so
+// the later passes get the softmax as e * inv_sum instead of evaluating exp again.
+template <typename T>
+RowStats<T> row_stats(const T* x, int64_t V, T inv_t, T* e) {
   using Vec = at::vec::Vectorized<T>;
   const T mx = at::vec::reduce_all<T>(
       [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, V);
@@ -135,20 +145,40 @@ RowStats<T> row_stats(const T* x, int64_t V, T inv_t) {
   BlockedSum<T> sum;
   for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
     const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
-    sum.add(Vec::blendv(zero, ((v - vmx) * vinv).exp(), valid));
+    const Vec ex = ((v - vmx) * vinv).exp();
+    if (e != nullptr) {
+      if (count == Vec::size()) ex.store(e + i); else ex.store(e + i, count);
+    }
+    sum.add(Vec::blendv(zero, ex, valid));
   });
-  return {mx, std::log(sum.result())};
+  return stats_from_sum<T>(mx, static_cast<double>(sum.result()));
 }
 
+// Where a row kernel keeps the exponentials of its first pass: in the gradient rows being
+// produced anyway (each entry is read back before that entry's gradient overwrites it),
+// else in the caller's per-thread scratch of 2 V (a 32k fp32 row is 128 KB: L2).
+template <typename T>
+struct ExpRows {
+  T *es, *et;
+  ExpRows(T* gs, T* gt, T* scratch, int64_t V, bool need_p)
+      : es(!need_p ? nullptr : gs != nullptr ? gs : scratch),
+        et(gt != nullptr ? gt : scratch + V) {}
+};
+
 // One row in the accumulation type T. Returns w * L; writes gs / gt when not null.
+// `scratch` holds 2 V entries (see ExpRows): p and q come from the first pass's
+// exponentials, so each entry costs 2 exp (plus the mixture's exp and log1p for the JSD).
 template <typename T>
 T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
-                 T* gs, T* gt) {
+                 T* gs, T* gt, T* scratch) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0));
-  const RowStats<T> stats_s = row_stats(s, V, inv_t), stats_t = row_stats(t, V, inv_t);
+  // The KL needs p only for the student gradient; the others need it for the loss.
+  const ExpRows<T> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr);
+  const RowStats<T> stats_s = row_stats(s, V, inv_t, e.es),
+                    stats_t = row_stats(t, V, inv_t, e.et);
   const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
-      ct(stats_t.log_sum);
+      ct(stats_t.log_sum), is(stats_s.inv_sum), it(stats_t.inv_sum);
   const Vec gscale(w * inv_t);
   auto load = [&](const T* x, int64_t i, int64_t count) {
     return count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
@@ -160,23 +190,26 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
   auto put = [&](T* out, int64_t i, int64_t count, const Vec& v) {
     if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
   };
+  // softmax of a chunk from the kept exponentials (dead lanes load 0)
+  auto prob_s = [&](int64_t i, int64_t count) { return load(e.es, i, count) * is; };
+  auto prob_t = [&](int64_t i, int64_t count) { return load(e.et, i, count) * it; };
   if (!mix.jsd && !mix.sym) {  // KL(q || p)
     const bool fuse = gs != nullptr && gt == nullptr;  // student gradient needs no L
     BlockedSum<T> acc;
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
       const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-      const Vec q = lt.exp();
+      const Vec q = prob_t(i, count);
       const Vec term = Vec::blendv(q * (lt - ls), zero, q == zero);
       acc.add(Vec::blendv(zero, term, valid));
-      if (fuse) put(gs, i, count, (ls.exp() - q) * gscale);
+      if (fuse) put(gs, i, count, (prob_s(i, count) - q) * gscale);
     });
     const T loss = acc.result();
     if (gt != nullptr) {
       const Vec vl(loss);
       for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
         const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-        const Vec q = lt.exp();
-        if (gs != nullptr) put(gs, i, count, (ls.exp() - q) * gscale);
+        const Vec q = prob_t(i, count);
+        if (gs != nullptr) put(gs, i, count, (prob_s(i, count) - q) * gscale);
         put(gt, i, count, Vec::blendv(q * (lt - ls - vl), zero, q == zero) * gscale);
       });
     }
@@ -186,7 +219,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
     BlockedSum<T> acc_f, acc_r;
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
       const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-      const Vec p = ls.exp(), q = lt.exp();
+      const Vec p = prob_s(i, count), q = prob_t(i, count);
       acc_f.add(Vec::blendv(zero, Vec::blendv(q * (lt - ls), zero, q == zero), valid));
       acc_r.add(Vec::blendv(zero, Vec::blendv(p * (ls - lt), zero, p == zero), valid));
     });
@@ -195,7 +228,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
       const Vec vf(f), vr(r), a(mix.one_m_beta), b(mix.beta);
       for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
         const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-        const Vec p = ls.exp(), q = lt.exp();
+        const Vec p = prob_s(i, count), q = prob_t(i, count);
         if (gs != nullptr) {
           const Vec rev = Vec::blendv(p * (ls - lt - vr), zero, p == zero);
           put(gs, i, count, (a * (p - q) + b * rev) * gscale);
@@ -219,7 +252,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
   BlockedSum<T> acc_t, acc_s;
   for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
     const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-    const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
+    const Vec p = prob_s(i, count), q = prob_t(i, count), lm = log_mixture(ls, lt);
     acc_t.add(Vec::blendv(zero, Vec::blendv(q * (lt - lm), zero, q == zero), valid));
     acc_s.add(Vec::blendv(zero, Vec::blendv(p * (ls - lm), zero, p == zero), valid));
   });
@@ -229,7 +262,7 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
         ct_grad(mix.beta * w * inv_t);
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
       const Vec ls = logp(s, ms, cs, i, count), lt = logp(t, mt, ct, i, count);
-      const Vec p = ls.exp(), q = lt.exp(), lm = log_mixture(ls, lt);
+      const Vec p = prob_s(i, count), q = prob_t(i, count), lm = log_mixture(ls, lt);
       if (gs != nullptr) put(gs, i, count, Vec::blendv(p * (ls - lm - vks), zero, p == zero) * cs_grad);
       if (gt != nullptr) put(gt, i, count, Vec::blendv(q * (lt - lm - vkt), zero, q == zero) * ct_grad);
     });
@@ -240,22 +273,22 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
 // Total variation distance of one row (see the TVD comment at the top). Returns w * L;
 // writes gs / gt when not null.
 template <typename T>
-T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0)), one(T(1));
-  const RowStats<T> stats_s = row_stats(s, V, inv_t), stats_t = row_stats(t, V, inv_t);
-  const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
-      ct(stats_t.log_sum);
-  auto prob = [&](const T* x, const Vec& m, const Vec& c, int64_t i, int64_t count) {
-    const Vec v = count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count);
-    return ((v - m) * vinv - c).exp();
+  const ExpRows<T> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const RowStats<T> stats_s = row_stats<T>(s, V, inv_t, e.es),
+                    stats_t = row_stats<T>(t, V, inv_t, e.et);
+  const Vec is(stats_s.inv_sum), it(stats_t.inv_sum);
+  auto prob = [&](const T* x, const Vec& inv, int64_t i, int64_t count) {  // dead lanes: 0
+    return (count == Vec::size() ? Vec::loadu(x + i) : Vec::loadu(x + i, count)) * inv;
   };
   auto sign = [&](const Vec& p, const Vec& q) {  // sign(p - q), 0 where equal
     return Vec::blendv(zero, one, p > q) - Vec::blendv(zero, one, p < q);
   };
   BlockedSum<T> acc_abs, acc_sp, acc_sq;
   for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec& valid) {
-    const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+    const Vec p = prob(e.es, is, i, count), q = prob(e.et, it, i, count);
     const Vec sg = sign(p, q);
     acc_abs.add(Vec::blendv(zero, (p - q).abs(), valid));
     acc_sp.add(Vec::blendv(zero, p * sg, valid));
@@ -268,7 +301,7 @@ T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
       if (count == Vec::size()) v.store(out + i); else v.store(out + i, count);
     };
     for_chunks<T>(V, [&](int64_t i, int64_t count, const Vec&) {
-      const Vec p = prob(s, ms, cs, i, count), q = prob(t, mt, ct, i, count);
+      const Vec p = prob(e.es, is, i, count), q = prob(e.et, it, i, count);
       const Vec sg = sign(p, q);
       if (gs != nullptr) put(gs, i, count, p * (sg - vsp) * half_scale);
       if (gt != nullptr) put(gt, i, count, q * (vsq - sg) * half_scale);
@@ -306,6 +339,14 @@ CEX_AVX2 inline __m256 load8(const float* x, int64_t count) {
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
                           _mm256_maskload_ps(x, live), _mm256_castsi256_ps(live));
+}
+
+// Lanes at or past `count` read 0 (for the kept exponentials: p = q = 0 there).
+CEX_AVX2 inline __m256 load8_or_zero(const float* x, int64_t count) {
+  if (count >= 8) return _mm256_loadu_ps(x);
+  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_maskload_ps(x, live);
 }
 
 CEX_AVX2 inline void store8(float* out, int64_t count, __m256 v) {
@@ -347,7 +388,8 @@ CEX_AVX2 inline __m256 zero_where_zero(__m256 p, __m256 v) {  // 0 log 0 = 0
   return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(p, _mm256_setzero_ps(), _CMP_EQ_OQ));
 }
 
-CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t) {
+// As row_stats: keeps the exponentials in `e` when it is not null.
+CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t, float* e) {
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t i = 0; i < V; i += 8) m = _mm256_max_ps(m, load8(x + i, V - i));
   float lanes[8];
@@ -356,17 +398,27 @@ CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t) 
   for (int k = 1; k < 8; ++k) mx = std::max(mx, lanes[k]);
   const __m256 vmx = _mm256_set1_ps(mx), vinv = _mm256_set1_ps(inv_t);
   BlockedSum8 sum;
-  for (int64_t i = 0; i < V; i += 8)
-    sum.add(Sleef_expf8_u10(_mm256_mul_ps(_mm256_sub_ps(load8(x + i, V - i), vmx), vinv)));
-  return {mx, std::log(sum.result())};
+  for (int64_t i = 0; i < V; i += 8) {
+    const __m256 ex = Sleef_expf8_u10(_mm256_mul_ps(_mm256_sub_ps(load8(x + i, V - i), vmx), vinv));
+    if (e != nullptr) store8(e + i, V - i, ex);
+    sum.add(ex);
+  }
+  return stats_from_sum<float>(mx, static_cast<double>(sum.result()));
 }
 
+// As divergence_row (p and q from the first pass's exponentials, kept as ExpRows says).
 CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, float inv_t,
-                                   const Mixture<float>& mix, float w, float* gs, float* gt) {
+                                   const Mixture<float>& mix, float w, float* gs, float* gt,
+                                   float* scratch) {
   const __m256 vinv = _mm256_set1_ps(inv_t);
-  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t), stats_t = avx2_row_stats(t, V, inv_t);
+  const ExpRows<float> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr);
+  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
+                        stats_t = avx2_row_stats(t, V, inv_t, e.et);
   const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
   const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
+  const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
+  auto prob_s = [&](int64_t i) CEX_AVX2 { return _mm256_mul_ps(load8_or_zero(e.es + i, V - i), is); };
+  auto prob_t = [&](int64_t i) CEX_AVX2 { return _mm256_mul_ps(load8_or_zero(e.et + i, V - i), it); };
   // (x - m) inv_t - log_sum: the subtraction of the raw max comes first (see the top).
   auto logp = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
     return _mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c);
@@ -376,17 +428,17 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
     const __m256 gscale = _mm256_set1_ps(w * inv_t);
     BlockedSum8 acc;
     for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = Sleef_expf8_u10(lt);
+      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = prob_t(i);
       acc.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
-      if (fuse) store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
+      if (fuse) store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(prob_s(i), q), gscale));
     }
     const float loss = acc.result();
     if (gt != nullptr) {
       const __m256 vl = _mm256_set1_ps(loss);
       for (int64_t i = 0; i < V; i += 8) {
-        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = Sleef_expf8_u10(lt);
+        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = prob_t(i);
         if (gs != nullptr)
-          store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(Sleef_expf8_u10(ls), q), gscale));
+          store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(prob_s(i), q), gscale));
         const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vl);
         store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), gscale));
       }
@@ -397,7 +449,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
     BlockedSum8 acc_f, acc_r;
     for (int64_t i = 0; i < V; i += 8) {
       const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
-      const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+      const __m256 p = prob_s(i), q = prob_t(i);
       acc_f.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
       acc_r.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lt))));
     }
@@ -408,7 +460,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
       const __m256 gscale = _mm256_set1_ps(w * inv_t);
       for (int64_t i = 0; i < V; i += 8) {
         const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
-        const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+        const __m256 p = prob_s(i), q = prob_t(i);
         if (gs != nullptr) {
           const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lt), vr);
           const __m256 rev = zero_where_zero(p, _mm256_mul_ps(p, d));
@@ -436,7 +488,7 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   BlockedSum8 acc_t, acc_s;
   for (int64_t i = 0; i < V; i += 8) {
     const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
-    const __m256 p = Sleef_expf8_u10(ls), q = Sleef_expf8_u10(lt);
+    const __m256 p = prob_s(i), q = prob_t(i);
     acc_t.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, lm))));
     acc_s.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lm))));
   }
@@ -447,13 +499,14 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
     const __m256 t_scale = _mm256_set1_ps(mix.beta * w * inv_t);
     for (int64_t i = 0; i < V; i += 8) {
       const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
+      // both read before either gradient entry overwrites the kept exponentials
+      const __m256 p = gs != nullptr ? prob_s(i) : _mm256_setzero_ps();
+      const __m256 q = gt != nullptr ? prob_t(i) : _mm256_setzero_ps();
       if (gs != nullptr) {
-        const __m256 p = Sleef_expf8_u10(ls);
         const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lm), vks);
         store8(gs + i, V - i, _mm256_mul_ps(zero_where_zero(p, _mm256_mul_ps(p, d)), s_scale));
       }
       if (gt != nullptr) {
-        const __m256 q = Sleef_expf8_u10(lt);
         const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, lm), vkt);
         store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), t_scale));
       }
@@ -462,15 +515,16 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv_t, float w,
-                            float* gs, float* gt) {
-  const __m256 vinv = _mm256_set1_ps(inv_t), one = _mm256_set1_ps(1.0f);
+                            float* gs, float* gt, float* scratch) {
+  const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t), stats_t = avx2_row_stats(t, V, inv_t);
-  const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
-  const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
-  // Dead lanes load -inf, so p = q = 0 and every term there is 0.
-  auto prob = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
-    return Sleef_expf8_u10(_mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c));
+  const ExpRows<float> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
+                        stats_t = avx2_row_stats(t, V, inv_t, e.et);
+  const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
+  // Dead lanes load 0, so p = q = 0 and every term there is 0.
+  auto prob = [&](const float* x, __m256 inv, int64_t i) CEX_AVX2 {
+    return _mm256_mul_ps(load8_or_zero(x + i, V - i), inv);
   };
   auto sign = [&](__m256 p, __m256 q) CEX_AVX2 {  // sign(p - q), 0 where equal
     return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_GT_OQ), one),
@@ -478,7 +532,7 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
   };
   BlockedSum8 acc_abs, acc_sp, acc_sq;
   for (int64_t i = 0; i < V; i += 8) {
-    const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+    const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
     acc_abs.add(_mm256_and_ps(_mm256_sub_ps(p, q), abs_mask));
     acc_sp.add(_mm256_mul_ps(p, sg));
     acc_sq.add(_mm256_mul_ps(q, sg));
@@ -488,7 +542,7 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
     const __m256 vsp = _mm256_set1_ps(sp), vsq = _mm256_set1_ps(sq);
     const __m256 half_scale = _mm256_set1_ps(0.5f * w * inv_t);
     for (int64_t i = 0; i < V; i += 8) {
-      const __m256 p = prob(s, ms, cs, i), q = prob(t, mt, ct, i), sg = sign(p, q);
+      const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
       if (gs != nullptr)
         store8(gs + i, V - i, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(sg, vsp)), half_scale));
       if (gt != nullptr)
@@ -502,31 +556,32 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
 // A row on the AVX2 path when it applies (fp32 on an AVX2+FMA CPU), else the portable one.
 template <typename T>
 T any_divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
-                     T* gs, T* gt) {
+                     T* gs, T* gt, T* scratch) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt);
+    if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch);
   }
 #endif
-  return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt);
+  return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt, scratch);
 }
 
 template <typename T>
-T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt) {
+T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt);
+    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt, scratch);
   }
 #endif
-  return tvd_row<T>(s, t, V, inv_t, w, gs, gt);
+  return tvd_row<T>(s, t, V, inv_t, w, gs, gt, scratch);
 }
 
-// Runs kernel_row(s, t, w_r, gs, gt) -> w_r * L over every kept row, in parallel, with the
-// widening of fp16/bf16 rows and the NaN rule; the divergences differ only in kernel_row.
+// Runs kernel_row(s, t, w_r, gs, gt, scratch) -> w_r * L over every kept row, in parallel,
+// with the widening of fp16/bf16 rows and the NaN rule; the divergences differ only in
+// kernel_row. `scratch` is a per-thread buffer of scratch_per_v * V entries.
 template <typename scalar_t, typename acc_t, typename RowFn>
 void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
                   const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
-                  at::Tensor& grad_t, RowFn kernel_row) {
+                  at::Tensor& grad_t, int64_t scratch_per_v, RowFn kernel_row) {
   constexpr bool widen = !std::is_same<scalar_t, acc_t>::value;
   const int64_t n_rows = student.size(0), V = student.size(1);
   const scalar_t* s_base = student.data_ptr<scalar_t>();
@@ -542,8 +597,9 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
   // The NaN rule, in one place for both paths: the max/min used on the way may have
   // dropped a NaN from some entries' gradients (and q == 0 entries skip it), so a NaN
   // loss overwrites the whole row of each requested gradient. Rare: costs nothing else.
-  auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt) -> acc_t {
-    const acc_t out = kernel_row(s, t, w_r, gs, gt);
+  auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt,
+                 acc_t* scratch) -> acc_t {
+    const acc_t out = kernel_row(s, t, w_r, gs, gt, scratch);
     if (std::isnan(out)) {
       const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
       if (gs) std::fill(gs, gs + V, nan);
@@ -552,7 +608,9 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
     return out;
   };
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(widen ? 4 * V : 0);  // s, t, gs, gt rows in acc_t
+    // s, t, gs, gt rows in acc_t (when widening), then the kernel's scratch
+    std::vector<acc_t> buf(((widen ? 4 : 0) + scratch_per_v) * V);
+    acc_t* scratch = buf.data() + (widen ? 4 * V : 0);
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* s = s_base + r * s_stride;
       const scalar_t* t = t_base + r * t_stride;
@@ -568,11 +626,11 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
         acc_t *sa = buf.data(), *ta = sa + V, *gsa = ta + V, *gta = gsa + V;
         at::vec::convert(s, sa, V);  // vectorized widening (AVX2/AVX-512 specializations)
         at::vec::convert(t, ta, V);
-        loss[r] = row(sa, ta, w[r], gs ? gsa : nullptr, gt ? gta : nullptr);
+        loss[r] = row(sa, ta, w[r], gs ? gsa : nullptr, gt ? gta : nullptr, scratch);
         if (gs) at::vec::convert(gsa, gs, V);
         if (gt) at::vec::convert(gta, gt, V);
       } else {
-        loss[r] = row(s, t, w[r], gs, gt);
+        loss[r] = row(s, t, w[r], gs, gt, scratch);
       }
     }
   });
@@ -621,10 +679,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     const Mixture<acc_t> mix(beta, symmetric);
-    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
+    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 2,
                                   [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
-                                      acc_t* gt) {
-      return any_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt);
+                                      acc_t* gt, acc_t* scratch) {
+      return any_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt, scratch);
     });
   });
   return {row_loss, grad_s, grad_t};
@@ -641,10 +699,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
                                   "cex_tvd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
-    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t,
+    for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 2,
                                   [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
-                                      acc_t* gt) {
-      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt);
+                                      acc_t* gt, acc_t* scratch) {
+      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt, scratch);
     });
   });
   return {row_loss, grad_s, grad_t};
