@@ -242,6 +242,9 @@ def tvd_fwd_kernel(
         tl.store(loss_ptr + row, 0.0)
         _fill_gradients(gs_ptr, gt_ptr, V, 0.0, WRITE_GS, WRITE_GT, BLOCK_V)
     else:
+        # Park w in the row's loss slot and read it back after pass 2: kept live across
+        # the passes it was spilled to the stack by ptxas (Triton 3.6/3.7, sm_80/sm_90).
+        tl.store(loss_ptr + row, w)
         ms, cs = _row_stats(s_ptr, stride_sv, V, inv_t, BLOCK_V)
         mt, ct = _row_stats(t_ptr, stride_tv, V, inv_t, BLOCK_V)
         acc_abs = tl.zeros((BLOCK_V,), tl.float32)
@@ -258,6 +261,7 @@ def tvd_fwd_kernel(
             acc_sp += p * sg
             acc_sq += q * sg
         loss = 0.5 * tl.sum(acc_abs, axis=0)
+        w = tl.load(loss_ptr + row, volatile=True)
         tl.store(loss_ptr + row, w * loss)
         if loss != loss:  # the NaN rule: the whole row of each gradient is NaN
             _fill_gradients(gs_ptr, gt_ptr, V, float("nan"), WRITE_GS, WRITE_GT, BLOCK_V)
