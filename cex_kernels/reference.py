@@ -101,6 +101,20 @@ def softmax_kl(student: torch.Tensor, teacher: torch.Tensor, *, temperature: flo
                **kwargs)
 
 
+def _row_log_softmaxes(student, teacher, row_weight, inv_temperature):
+    """What every reference row kernel starts from: the accumulation dtype (fp32, float64
+    for float64), the row weights ``w (N, 1)``, ``kept = w != 0`` and both rows'
+    log-softmaxes at temperature T, taken around the raw row max as every backend does."""
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    w = row_weight.to(acc)[:, None]
+
+    def log_softmax(x):
+        x = x.to(acc)
+        return F.log_softmax((x - x.amax(-1, keepdim=True)) * inv_temperature, dim=-1)
+
+    return acc, w, w != 0, log_softmax(student), log_softmax(teacher)
+
+
 def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: torch.Tensor,
                     inv_temperature: float, beta: float, symmetric: bool, grad_student: bool,
                     grad_teacher: bool):
@@ -114,15 +128,7 @@ def softmax_kl_rows(student: torch.Tensor, teacher: torch.Tensor, row_weight: to
     the float maximum), and a kept row whose loss is NaN gets NaN in every entry of each
     requested gradient.
     """
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    w = row_weight.to(acc)[:, None]
-    kept = w != 0
-
-    def log_softmax(x):
-        x = x.to(acc)
-        return F.log_softmax((x - x.amax(-1, keepdim=True)) * inv_temperature, dim=-1)
-
-    ls, lt = log_softmax(student), log_softmax(teacher)
+    acc, w, kept, ls, lt = _row_log_softmaxes(student, teacher, row_weight, inv_temperature)
     p, q = ls.exp(), lt.exp()
     zero = torch.zeros((), dtype=acc, device=student.device)
     # symmetric vs KL decided on beta in the accumulation dtype, as the kernels do
@@ -235,15 +241,8 @@ def tvd_row_kernel(student: torch.Tensor, teacher: torch.Tensor, row_weight: tor
     """The ``reference`` backend's TVD row kernel (contract in ``ops/tvd.py``): closed-form
     gradients ``w/T · 1/2 p (sg - Sp)`` and ``w/T · 1/2 q (Sq - sg)``, sg = sign(p - q),
     around the raw row max, with the NaN rule; fp32 accumulation (float64 for float64)."""
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    w = row_weight.to(acc)[:, None]
-    kept = w != 0
-
-    def softmax(x):
-        x = x.to(acc)
-        return F.softmax((x - x.amax(-1, keepdim=True)) * inv_temperature, dim=-1)
-
-    p, q = softmax(student), softmax(teacher)
+    acc, w, kept, ls, lt = _row_log_softmaxes(student, teacher, row_weight, inv_temperature)
+    p, q = ls.exp(), lt.exp()
     sg = torch.sign(p - q)
     loss = 0.5 * (p - q).abs().sum(-1, keepdim=True)
     zero = torch.zeros((), dtype=acc, device=student.device)
