@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include "cpu/projected_mse.h"
+#include "cpu/huge_pages.h"
 #include "cpu/softmax_kl.h"
 
 #ifdef CEX_WITH_CUDA
@@ -115,12 +116,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused softmax KL / generalized JSD / symmetric KL on the CPU: returns (row_loss, "
         "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
         py::arg("row_weight"), py::arg("inv_temperature"), py::arg("beta"),
-        py::arg("symmetric"), py::arg("grad_student"), py::arg("grad_teacher"));
+        py::arg("symmetric"), py::arg("grad_student"), py::arg("grad_teacher"),
+        py::arg("grad_student_out") = py::none());
   m.def("tvd_fwd_cpu", &cex::cpu::tvd_fwd,
         "Fused total variation distance of softmaxes on the CPU: returns (row_loss, "
         "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
         py::arg("row_weight"), py::arg("inv_temperature"), py::arg("grad_student"),
-        py::arg("grad_teacher"));
+        py::arg("grad_teacher"), py::arg("grad_student_out") = py::none());
+  m.def("advise_huge_pages", &cex::cpu::advise_huge_pages,
+        "Advise transparent huge pages for a large CPU buffer about to be written in full "
+        "(a hint; see csrc/cpu/huge_pages.h)", py::arg("tensor"));
 #ifdef CEX_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,

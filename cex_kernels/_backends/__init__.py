@@ -22,6 +22,11 @@ Kernel slots (each with one contract, written next to the op that calls it):
   (``ops/tvd.py``); ``tvd`` and ``linear_tvd`` run it. The cuda backend does not implement
   it (``backend="auto"`` skips cuda for it; ``backend="cuda"`` is a ValueError).
 
+A backend whose record sets ``grad_into_logits`` also takes ``grad_student_out=`` in its
+``softmax_kl`` and ``tvd`` slots: the tensor to write the student's gradient into, which may
+be the student logits themselves (the fused-linear driver overwrites each chunk's logits
+with their gradient, so a chunk needs one (rows, V) buffer, not two).
+
 The ops ask the registry three things: :func:`resolve_backend` (``"auto"`` or a name ->
 a backend that implements the op's kernel for these tensors, or a clear error),
 :func:`kernel` (the callable) and :func:`needs_unit_inner_stride` (whether rows must be
@@ -159,6 +164,8 @@ class Backend:
     its kernels index rows with one stride, so the last dimension must be contiguous.
     ``device_note``: appended to the error for tensors on a device it does not accept.
     ``note``: what it is, for ``cex backends``; ``label``: its name in benchmark reports.
+    ``grad_into_logits``: its softmax_kl and tvd slots take ``grad_student_out=`` (see the
+    module docstring).
     """
     name: str
     adapter: Union[str, types.ModuleType]
@@ -171,6 +178,7 @@ class Backend:
     note: str = ""
     device_note: str = ""
     label: str = ""
+    grad_into_logits: bool = False
 
     def accepts(self, device_type: str, devices=None) -> bool:
         devices = self.devices if devices is None else devices
@@ -191,7 +199,7 @@ REGISTRY: List[Backend] = [
             note="the compiled CUDA kernels (cex_kernels._C): CUDA tensors", label="cex CUDA"),
     Backend("cpu", "cex_kernels._backends.cpu", ("projected_mse", "softmax_kl", "tvd"),
             devices=("cpu",), auto_devices=("cpu",), dtypes=ALL_FLOATS,
-            problem=_compiled_problem, unit_inner_stride=True,
+            problem=_compiled_problem, unit_inner_stride=True, grad_into_logits=True,
             note="the compiled C++ kernels (cex_kernels._C): CPU tensors", label="cex C++"),
     Backend("reference", "cex_kernels._backends.reference",
             ("projected_mse", "softmax_kl", "tvd"),
@@ -340,3 +348,14 @@ def kernel(backend: str, slot: str) -> Callable:
 
 def needs_unit_inner_stride(backend: str) -> bool:
     return get(backend).unit_inner_stride
+
+
+def empty_for_writing(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None
+                      ) -> torch.Tensor:
+    """``like.new_empty(shape, dtype=dtype)``, on transparent huge pages when it is a large CPU buffer and
+    the compiled extension is here (a fresh buffer's first writes otherwise fault once per
+    4 KiB page: ``csrc/cpu/huge_pages.h``). For buffers about to be written in full."""
+    out = like.new_empty(shape, dtype=dtype)
+    if out.device.type == "cpu" and _C is not None:
+        _C.advise_huge_pages(out)
+    return out

@@ -87,12 +87,19 @@ NEEDS_UNIT_INNER_STRIDE = _UnitInnerStride()
 
 def divergence_rows(backend: str, student: Tensor, teacher: Tensor, row_weight: Tensor,
                     temperature: float, beta: float, symmetric: bool, grad_student: bool,
-                    grad_teacher: bool):
+                    grad_teacher: bool, grad_student_out: Optional[Tensor] = None):
     """``(row_loss, grad_student, grad_teacher)`` from the backend's row kernel, in one
     launch; beta = 1 (reverse KL, also the symmetric KL with forward weight 0) is beta = 0
     with the roles, and the gradients, swapped. The symmetric KL with beta = 0 is the
-    forward KL."""
+    forward KL. ``grad_student_out``: where the student's gradient may go (it may be the
+    student itself), taken only by backends with ``grad_into_logits`` and not for beta = 1;
+    the gradient returned is the one to use."""
     kernel = _backends.kernel(backend, "softmax_kl")
+    if (grad_student_out is not None and grad_student and beta != 1.0
+            and _backends.get(backend).grad_into_logits):
+        return kernel(student, teacher, row_weight, 1.0 / temperature, beta,
+                      symmetric and beta > 0.0, grad_student, grad_teacher,
+                      grad_student_out=grad_student_out)
     if beta == 1.0:
         rows, grad_t, grad_s = kernel(teacher, student, row_weight, 1.0 / temperature, 0.0,
                                       False, grad_teacher, grad_student)

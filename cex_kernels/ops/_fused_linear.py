@@ -54,10 +54,12 @@ DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 class RowLoss(NamedTuple):
     """A row loss the chunked driver can run.
 
-    ``rows(backend, student, teacher, row_weight, temperature, beta, symmetric, want_grad)
-    -> (row_loss, grad_student)``: 2-D logits of one chunk; ``row_loss[r] = w[r]·L_r`` and
-    ``grad_student = w[r]/T · dL_r/dz`` (empty when not ``want_grad``), the row-kernel
-    contract of ``ops/_divergence.py``.
+    ``rows(backend, student, teacher, row_weight, temperature, beta, symmetric, want_grad,
+    grad_out=None) -> (row_loss, grad_student)``: 2-D logits of one chunk; ``row_loss[r] =
+    w[r]·L_r`` and ``grad_student = w[r]/T · dL_r/dz`` (empty when not ``want_grad``), the
+    row-kernel contract of ``ops/_divergence.py``. ``grad_out`` is the student logits
+    themselves, which the driver no longer needs: a backend that can (``grad_into_logits``)
+    writes the gradient over them; others ignore it.
     ``eager(student, teacher, temperature, beta, symmetric) -> L (rows,)``: the same loss
     in differentiable eager PyTorch (double backward).
     """
@@ -79,15 +81,26 @@ def chunk_rows(n_rows: int, vocab: int, itemsize: int, chunk_bytes: int) -> int:
     return max(1, min(max(n_rows, 1), chunk_bytes // max(per_row, 1)))
 
 
-def teacher_logits_of(kind: str, teacher: List[Tensor], r0: int, r1: int, vocab: int) -> Tensor:
+def teacher_logits_of(kind: str, teacher: List[Tensor], r0: int, r1: int, vocab: int,
+                      out: Optional[Tensor] = None) -> Tensor:
     """Rows [r0, r1) of the teacher's logits: given (``"logits"``: ``[logits]``), computed
-    from its head (``"hidden"``: ``[hidden, weight(, bias)]``) or scattered from a top-k
-    pair (``"top_k"``: ``[values, indices]``; -inf off the k entries)."""
+    from its head (``"hidden"``: ``[hidden, weight(, bias)]``; into ``out`` when given) or
+    scattered from a top-k pair (``"top_k"``: ``[values, indices]``; -inf off the k
+    entries)."""
     if kind == "logits":
         return teacher[0][r0:r1]
     if kind == "hidden":
-        return torch.nn.functional.linear(teacher[0][r0:r1], *teacher[1:])
+        if out is None:
+            return torch.nn.functional.linear(teacher[0][r0:r1], *teacher[1:])
+        return linear_into(out, teacher[0][r0:r1], *teacher[1:])
     return _divergence.top_k_dense(teacher[0][r0:r1], teacher[1][r0:r1], vocab)
+
+
+def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` written into ``out`` (rows of a reused buffer)."""
+    if bias is None:
+        return torch.mm(x, weight.T, out=out)
+    return torch.addmm(bias, x, weight.T, out=out)
 
 
 def check_labels(op: str, labels: Optional[Tensor], ce_weight: Optional[Tensor],
@@ -121,26 +134,27 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
     kd_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     ce_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_grad else None
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
+    # d weight is written by the first chunk's product (zeroed at the end if none ran)
+    grad_weight = _backends.empty_for_writing(weight.shape, weight, acc) if want_grad else None
+    weight_written = False
     grad_bias = (torch.zeros(vocab, dtype=acc, device=weight.device)
                  if want_grad and bias is not None else None)
     run_kd = soft_weight > 0 or want_parts
     kd_grad = want_grad and soft_weight > 0
     kernel_weight = kd_weight * soft_weight if soft_weight > 0 else kd_weight
     ce_grad = want_grad and ce_weight is not None and hard_weight > 0
+    # One (chunk, V) buffer serves every chunk's logits; backends with grad_into_logits
+    # then write the gradient over them (the logits are dead by then: the cross-entropy
+    # reads them first). The teacher's head, when given, gets a second one.
+    rows_of_chunk = min(n_chunk, n_rows)
+    logits_buffer = _backends.empty_for_writing((rows_of_chunk, vocab), hidden)
+    teacher_buffer = (_backends.empty_for_writing((rows_of_chunk, vocab), teacher[0])
+                      if run_kd and teacher_kind == "hidden" else None)
     for r0 in range(0, n_rows, n_chunk):
         r1 = min(r0 + n_chunk, n_rows)
         h = hidden[r0:r1]
-        logits = h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)
-        grad_logits = None
-        if run_kd:
-            t_logits = teacher_logits_of(teacher_kind, teacher, r0, r1, vocab)
-            rows, grad_logits = row_loss.rows(backend, logits, t_logits, kernel_weight[r0:r1],
-                                              temperature, beta, symmetric, kd_grad)
-            rows = rows.to(acc)
-            kd_rows[r0:r1] = rows / soft_weight if soft_weight > 0 else rows
-            if not kd_grad:
-                grad_logits = None
+        logits = linear_into(logits_buffer[:r1 - r0], h, weight, bias)
+        d_ce = None
         if ce_weight is not None:  # hard-label cross-entropy at temperature 1, same chunk
             w = ce_weight[r0:r1]
             logits32 = logits.to(acc)
@@ -152,24 +166,53 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
                 d_ce = torch.softmax(logits32, dim=-1)
                 d_ce.scatter_add_(1, target[:, None], -torch.ones_like(picked)[:, None])
                 d_ce.mul_((w * hard_weight)[:, None])
-                grad_logits = (d_ce if grad_logits is None
-                               else grad_logits.to(acc) + d_ce).to(logits.dtype)
+        grad_logits = None
+        if run_kd:
+            t_logits = teacher_logits_of(
+                teacher_kind, teacher, r0, r1, vocab,
+                out=None if teacher_buffer is None else teacher_buffer[:r1 - r0])
+            rows, grad_logits = row_loss.rows(backend, logits, t_logits, kernel_weight[r0:r1],
+                                              temperature, beta, symmetric, kd_grad,
+                                              grad_out=logits if kd_grad else None)
+            rows = rows.to(acc)
+            kd_rows[r0:r1] = rows / soft_weight if soft_weight > 0 else rows
+            if not kd_grad:
+                grad_logits = None
+        if d_ce is not None:
+            grad_logits = (d_ce if grad_logits is None
+                           else grad_logits.to(acc) + d_ce).to(logits.dtype)
         if want_grad:
             if grad_logits is None:  # nothing to differentiate in this chunk's terms
                 grad_hidden[r0:r1] = 0
                 continue
-            grad_hidden[r0:r1] = grad_logits @ weight
-            if grad_logits.dtype == acc:
-                grad_weight.addmm_(grad_logits.T, h)
-            elif grad_logits.dtype == torch.float16:
-                # fp16 gradients carry no 1/N (see _autograd): a sum over the chunk's rows
-                # can pass fp16's range, so this product is formed in fp32.
-                grad_weight.addmm_(grad_logits.T.to(acc), h.to(acc))
-            else:  # bf16: the chunk's product in the input dtype, summed in fp32
-                grad_weight += (grad_logits.T @ h).to(acc)
+            torch.mm(grad_logits, weight, out=grad_hidden[r0:r1])
+            _accumulate_weight_grad(grad_weight, grad_logits, h, acc, first=not weight_written)
+            weight_written = True
             if grad_bias is not None:
                 grad_bias += grad_logits.to(acc).sum(0)
+    if want_grad and not weight_written:
+        grad_weight.zero_()
     return kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, h: Tensor, acc,
+                            first: bool) -> None:
+    """``d weight (+)= grad_logitsᵀ @ h`` in ``acc`` (the first chunk writes, the others add)."""
+    if grad_logits.dtype == torch.bfloat16:  # the chunk's product in bf16, summed in fp32
+        product = (grad_logits.T @ h).to(acc)
+        if first:
+            grad_weight.copy_(product)
+        else:
+            grad_weight += product
+        return
+    if grad_logits.dtype == torch.float16:
+        # fp16 gradients carry no 1/N (see _autograd): a sum over the chunk's rows can
+        # pass fp16's range, so this product is formed in fp32.
+        grad_logits, h = grad_logits.to(acc), h.to(acc)
+    if first:
+        torch.mm(grad_logits.T, h, out=grad_weight)
+    else:
+        grad_weight.addmm_(grad_logits.T, h)
 
 
 def finish(hidden, weight, rows, out_scale, soft_weight, hard_weight, reduction, want_grad):

@@ -27,9 +27,11 @@ from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared  # noqa:
 ALGORITHMS = ("auto", "chunked", "tiled")
 
 
-def _kl_rows(backend, student, teacher, row_weight, temperature, beta, symmetric, want_grad):
+def _kl_rows(backend, student, teacher, row_weight, temperature, beta, symmetric, want_grad,
+            grad_out=None):
     rows, grad, _ = _divergence.divergence_rows(backend, student, teacher, row_weight,
-                                                temperature, beta, symmetric, want_grad, False)
+                                                temperature, beta, symmetric, want_grad, False,
+                                                grad_student_out=grad_out)
     return rows, grad
 
 

@@ -46,9 +46,13 @@ from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared
 _GRAD_BOUND = 2.0
 
 
-def _rows(backend, student, teacher, row_weight, temperature, grad_student, grad_teacher):
-    return _backends.kernel(backend, "tvd")(student, teacher, row_weight, 1.0 / temperature,
-                                            grad_student, grad_teacher)
+def _rows(backend, student, teacher, row_weight, temperature, grad_student, grad_teacher,
+          grad_student_out=None):
+    kernel = _backends.kernel(backend, "tvd")
+    if grad_student_out is not None and grad_student and _backends.get(backend).grad_into_logits:
+        return kernel(student, teacher, row_weight, 1.0 / temperature, grad_student,
+                      grad_teacher, grad_student_out=grad_student_out)
+    return kernel(student, teacher, row_weight, 1.0 / temperature, grad_student, grad_teacher)
 
 
 @torch.library.custom_op("cex::tvd", mutates_args=())
@@ -140,8 +144,9 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
 # --- fused with the student's output layer ----------------------------------------------------
 
 def _tvd_row_loss(backend, student, teacher, row_weight, temperature, beta, symmetric,
-                  want_grad):
-    rows, grad, _ = _rows(backend, student, teacher, row_weight, temperature, want_grad, False)
+                  want_grad, grad_out=None):
+    rows, grad, _ = _rows(backend, student, teacher, row_weight, temperature, want_grad, False,
+                          grad_student_out=grad_out)
     return rows, grad
 
 

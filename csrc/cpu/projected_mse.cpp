@@ -15,6 +15,8 @@
 // Tuned for N=8192, d_t=1024, d_s=256 fp32 (a 2-core x86 machine).
 #include "projected_mse.h"
 
+#include "huge_pages.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <c10/core/InferenceMode.h>
@@ -157,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> projected_mse_fwd(const at::Tensor& student,
   // float64 inputs keep float64 throughout (gradcheck); everything else accumulates in fp32.
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_sq_err = at::zeros({n_rows}, student.options().dtype(acc_dtype));
-  at::Tensor grad = compute_grad ? at::empty_like(student, at::MemoryFormat::Contiguous)
+  at::Tensor grad = compute_grad ? empty_huge_pages(student.sizes(), student.options())
                                  : at::empty({0}, student.options());
   if (n_rows == 0) return {row_sq_err, grad};
   if (student.size(1) == 0) {  // nothing to compare: zero loss, empty gradient

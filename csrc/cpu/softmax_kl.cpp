@@ -49,6 +49,9 @@
 // Tuned for N = 128..8192, V = 32k..256k fp32/bf16 on a 2-core AVX2 x86 machine.
 #include "softmax_kl.h"
 
+#include "huge_pages.h"
+
+#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -156,12 +159,14 @@ RowStats<T> row_stats(const T* x, int64_t V, T inv_t, T* e) {
 
 // Where a row kernel keeps the exponentials of its first pass: in the gradient rows being
 // produced anyway (each entry is read back before that entry's gradient overwrites it),
-// else in the caller's per-thread scratch of 2 V (a 32k fp32 row is 128 KB: L2).
+// else in the caller's per-thread scratch of 2 V (a 32k fp32 row is 128 KB: L2). A student
+// gradient written over the student's own logits (gs_is_s) cannot hold them: the later
+// passes still read the logits, so they go to the scratch.
 template <typename T>
 struct ExpRows {
   T *es, *et;
-  ExpRows(T* gs, T* gt, T* scratch, int64_t V, bool need_p)
-      : es(!need_p ? nullptr : gs != nullptr ? gs : scratch),
+  ExpRows(T* gs, T* gt, T* scratch, int64_t V, bool need_p, bool gs_is_s)
+      : es(!need_p ? nullptr : gs != nullptr && !gs_is_s ? gs : scratch),
         et(gt != nullptr ? gt : scratch + V) {}
 };
 
@@ -170,11 +175,11 @@ struct ExpRows {
 // exponentials, so each entry costs 2 exp (plus the mixture's exp and log1p for the JSD).
 template <typename T>
 T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
-                 T* gs, T* gt, T* scratch) {
+                 T* gs, T* gt, T* scratch, bool gs_is_s) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0));
   // The KL needs p only for the student gradient; the others need it for the loss.
-  const ExpRows<T> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr);
+  const ExpRows<T> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr, gs_is_s);
   const RowStats<T> stats_s = row_stats(s, V, inv_t, e.es),
                     stats_t = row_stats(t, V, inv_t, e.et);
   const Vec vinv(inv_t), ms(stats_s.max), mt(stats_t.max), cs(stats_s.log_sum),
@@ -273,10 +278,11 @@ T divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& m
 // Total variation distance of one row (see the TVD comment at the top). Returns w * L;
 // writes gs / gt when not null.
 template <typename T>
-T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
+T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch,
+          bool gs_is_s) {
   using Vec = at::vec::Vectorized<T>;
   const Vec zero(T(0)), one(T(1));
-  const ExpRows<T> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const ExpRows<T> e(gs, gt, scratch, V, true, gs_is_s);  // p, q from the first pass
   const RowStats<T> stats_s = row_stats<T>(s, V, inv_t, e.es),
                     stats_t = row_stats<T>(t, V, inv_t, e.et);
   const Vec is(stats_s.inv_sum), it(stats_t.inv_sum);
@@ -409,9 +415,9 @@ CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t, 
 // As divergence_row (p and q from the first pass's exponentials, kept as ExpRows says).
 CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, float inv_t,
                                    const Mixture<float>& mix, float w, float* gs, float* gt,
-                                   float* scratch) {
+                                   float* scratch, bool gs_is_s) {
   const __m256 vinv = _mm256_set1_ps(inv_t);
-  const ExpRows<float> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr);
+  const ExpRows<float> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr, gs_is_s);
   const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
                         stats_t = avx2_row_stats(t, V, inv_t, e.et);
   const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
@@ -515,10 +521,10 @@ CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, fl
   return w * (mix.beta * kt + mix.one_m_beta * ks);
 }
 CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv_t, float w,
-                            float* gs, float* gt, float* scratch) {
+                            float* gs, float* gt, float* scratch, bool gs_is_s) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const ExpRows<float> e(gs, gt, scratch, V, true);  // p and q from the first pass (as KL)
+  const ExpRows<float> e(gs, gt, scratch, V, true, gs_is_s);  // p, q from the first pass
   const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
                         stats_t = avx2_row_stats(t, V, inv_t, e.et);
   const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
@@ -556,28 +562,31 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
 // A row on the AVX2 path when it applies (fp32 on an AVX2+FMA CPU), else the portable one.
 template <typename T>
 T any_divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
-                     T* gs, T* gt, T* scratch) {
+                     T* gs, T* gt, T* scratch, bool gs_is_s) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch);
+    if (cpu_has_avx2_fma())
+      return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
   }
 #endif
-  return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt, scratch);
+  return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
 }
 
 template <typename T>
-T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch) {
+T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scratch,
+              bool gs_is_s) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt, scratch);
+    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
   }
 #endif
-  return tvd_row<T>(s, t, V, inv_t, w, gs, gt, scratch);
+  return tvd_row<T>(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
 }
 
-// Runs kernel_row(s, t, w_r, gs, gt, scratch) -> w_r * L over every kept row, in parallel,
-// with the widening of fp16/bf16 rows and the NaN rule; the divergences differ only in
-// kernel_row. `scratch` is a per-thread buffer of scratch_per_v * V entries.
+// Runs kernel_row(s, t, w_r, gs, gt, scratch, gs_is_s) -> w_r * L over every kept row, in
+// parallel, with the widening of fp16/bf16 rows and the NaN rule; the divergences differ
+// only in kernel_row. `scratch` is a per-thread buffer of scratch_per_v * V entries.
+// grad_s may be the student itself (written over it): gs_is_s tells the row kernel so.
 template <typename scalar_t, typename acc_t, typename RowFn>
 void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
                   const at::Tensor& weight, at::Tensor& row_loss, at::Tensor& grad_s,
@@ -588,6 +597,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
   const scalar_t* t_base = teacher.data_ptr<scalar_t>();
   const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
   scalar_t* gs_base = grad_s.numel() ? grad_s.data_ptr<scalar_t>() : nullptr;
+  const int64_t gs_stride = grad_s.numel() ? grad_s.stride(0) : 0;
   scalar_t* gt_base = grad_t.numel() ? grad_t.data_ptr<scalar_t>() : nullptr;
   const acc_t* w = weight.data_ptr<acc_t>();
   acc_t* loss = row_loss.data_ptr<acc_t>();
@@ -599,7 +609,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
   // loss overwrites the whole row of each requested gradient. Rare: costs nothing else.
   auto row = [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs, acc_t* gt,
                  acc_t* scratch) -> acc_t {
-    const acc_t out = kernel_row(s, t, w_r, gs, gt, scratch);
+    const acc_t out = kernel_row(s, t, w_r, gs, gt, scratch, gs != nullptr && gs == s);
     if (std::isnan(out)) {
       const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
       if (gs) std::fill(gs, gs + V, nan);
@@ -614,7 +624,7 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* s = s_base + r * s_stride;
       const scalar_t* t = t_base + r * t_stride;
-      scalar_t* gs = gs_base ? gs_base + r * V : nullptr;
+      scalar_t* gs = gs_base ? gs_base + r * gs_stride : nullptr;
       scalar_t* gt = gt_base ? gt_base + r * V : nullptr;
       if (w[r] == acc_t(0)) {  // dropped row: never read
         loss[r] = 0;
@@ -636,10 +646,29 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
   });
 }
 
+// The student's gradient goes to `out` when given: a tensor of the student's shape, dtype
+// and row stride, either the student itself (the gradient overwrites the logits: the
+// fused-linear driver's chunk buffer) or not overlapping it or the teacher.
+at::Tensor student_grad_into(const char* name, const at::Tensor& student,
+                             const at::Tensor& teacher, const at::Tensor& out) {
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == student.scalar_type() &&
+                  out.sizes() == student.sizes(),
+              "cex cpu ", name, ": grad_student_out must be a CPU tensor of the student's "
+              "shape and dtype, got ", out.sizes(), " ", out.scalar_type());
+  const bool same = out.data_ptr() == student.data_ptr() && out.strides() == student.strides();
+  TORCH_CHECK(same || (out.is_contiguous() &&
+                       at::get_overlap_status(out, student) == at::MemOverlapStatus::No &&
+                       at::get_overlap_status(out, teacher) == at::MemOverlapStatus::No),
+              "cex cpu ", name, ": grad_student_out must be the student itself or a "
+              "contiguous tensor overlapping neither input");
+  return out;
+}
+
 // The checks and outputs both row kernels share; returns the empty outputs to fill.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_rows(
     const char* name, const at::Tensor& student, const at::Tensor& teacher,
-    const at::Tensor& row_weight, bool grad_student, bool grad_teacher) {
+    const at::Tensor& row_weight, bool grad_student, bool grad_teacher,
+    const c10::optional<at::Tensor>& grad_student_out) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu() && row_weight.device().is_cpu(),
               "cex cpu ", name, ": all tensors must be on the CPU");
   TORCH_CHECK(student.dim() == 2 && teacher.sizes() == student.sizes(),
@@ -657,9 +686,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_rows(
   const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor weight = row_weight.to(acc_dtype).contiguous();
   at::Tensor row_loss = at::zeros({student.size(0)}, student.options().dtype(acc_dtype));
-  at::Tensor grad_s = grad_student ? at::empty(student.sizes(), student.options())
-                                   : at::empty({0}, student.options());
-  at::Tensor grad_t = grad_teacher ? at::empty(teacher.sizes(), teacher.options())
+  at::Tensor grad_s = !grad_student ? at::empty({0}, student.options())
+                      : grad_student_out.has_value()
+                          ? student_grad_into(name, student, teacher, *grad_student_out)
+                          : empty_huge_pages(student.sizes(), student.options());
+  at::Tensor grad_t = grad_teacher ? empty_huge_pages(teacher.sizes(), teacher.options())
                                    : at::empty({0}, teacher.options());
   return {weight, row_loss, grad_s, grad_t};
 }
@@ -668,10 +699,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> prepare_rows(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher) {
+    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher,
+    const c10::optional<at::Tensor>& grad_student_out) {
   TORCH_CHECK(beta >= 0.0 && beta < 1.0, "cex cpu softmax_kl: beta must be in [0, 1), got ", beta);
-  auto [weight, row_loss, grad_s, grad_t] =
-      prepare_rows("softmax_kl", student, teacher, row_weight, grad_student, grad_teacher);
+  auto [weight, row_loss, grad_s, grad_t] = prepare_rows(
+      "softmax_kl", student, teacher, row_weight, grad_student, grad_teacher, grad_student_out);
   if (student.size(0) == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
   const int64_t V = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
@@ -681,8 +713,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const Mixture<acc_t> mix(beta, symmetric);
     for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 2,
                                   [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
-                                      acc_t* gt, acc_t* scratch) {
-      return any_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt, scratch);
+                                      acc_t* gt, acc_t* scratch, bool gs_is_s) {
+      return any_divergence_row(s, t, V, inv_t, mix, w_r, gs, gt, scratch, gs_is_s);
     });
   });
   return {row_loss, grad_s, grad_t};
@@ -690,9 +722,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, bool grad_student, bool grad_teacher) {
-  auto [weight, row_loss, grad_s, grad_t] =
-      prepare_rows("tvd", student, teacher, row_weight, grad_student, grad_teacher);
+    double inv_temperature, bool grad_student, bool grad_teacher,
+    const c10::optional<at::Tensor>& grad_student_out) {
+  auto [weight, row_loss, grad_s, grad_t] = prepare_rows(
+      "tvd", student, teacher, row_weight, grad_student, grad_teacher, grad_student_out);
   if (student.size(0) == 0 || student.size(1) == 0) return {row_loss, grad_s, grad_t};
   const int64_t V = student.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
@@ -701,8 +734,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
     const acc_t inv_t = static_cast<acc_t>(inv_temperature);
     for_each_row<scalar_t, acc_t>(student, teacher, weight, row_loss, grad_s, grad_t, 2,
                                   [&](const acc_t* s, const acc_t* t, acc_t w_r, acc_t* gs,
-                                      acc_t* gt, acc_t* scratch) {
-      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt, scratch);
+                                      acc_t* gt, acc_t* scratch, bool gs_is_s) {
+      return any_tvd_row(s, t, V, inv_t, w_r, gs, gt, scratch, gs_is_s);
     });
   });
   return {row_loss, grad_s, grad_t};

@@ -16,15 +16,20 @@ namespace cpu {
 // The log-softmax is taken around the raw row max (inv_t (x - max x): exact for any T and
 // offset); JSD vs KL is decided on the double beta (one that rounds to 0 in fp32 is still a
 // JSD). A kept row whose loss is NaN gets NaN in every entry of each requested gradient.
+// grad_student_out: where to write the student's gradient (else a fresh tensor on huge
+// pages): the student itself (its logits are overwritten by their gradient) or a
+// contiguous tensor of its shape and dtype overlapping neither input.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher);
+    double inv_temperature, double beta, bool symmetric, bool grad_student, bool grad_teacher,
+    const c10::optional<at::Tensor>& grad_student_out);
 
 // Total variation distance, same inputs and outputs (no beta): L_r = 1/2 sum |p - q|,
 // gradients w * inv_t * dL/dz with the subgradient sign(0) = 0 (math in softmax_kl.cpp).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
     const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_weight,
-    double inv_temperature, bool grad_student, bool grad_teacher);
+    double inv_temperature, bool grad_student, bool grad_teacher,
+    const c10::optional<at::Tensor>& grad_student_out);
 
 }  // namespace cpu
 }  // namespace cex
