@@ -142,9 +142,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rerun_cpu_cases_on_portable_path(test_file: str) -> None:
+def rerun_cpu_cases_on_portable_path(test_file: str, select: str = "cpu-cpu") -> None:
     """The CPU backend picks its AVX2 or portable (baseline-ISA) path once per process:
-    rerun ``test_file``'s ``cpu-cpu`` cases in a subprocess with the portable path forced."""
+    rerun ``test_file``'s ``select`` cases (pytest -k) in a subprocess with the portable
+    path forced."""
     import subprocess
     import sys
     if not cex_kernels.backends()["cpu"]:
@@ -152,7 +153,7 @@ def rerun_cpu_cases_on_portable_path(test_file: str) -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, CEX_DISABLE_AVX2="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(test_file), "-k", "cpu-cpu and not portable_path"],
+                           os.path.abspath(test_file), "-k", f"({select}) and not portable_path"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and " passed" in proc.stdout, \
         proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -51,7 +51,6 @@
 
 #include "huge_pages.h"
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -557,7 +556,70 @@ CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv
   }
   return w * 0.5f * l1;
 }
+
+// bf16 / fp16 rows to and from fp32, 8 lanes at a time: in this baseline-ISA build
+// at::vec::convert is a scalar loop, and c10's bf16 rounding branches on NaN so it does not
+// vectorize (for a bf16 (N, V) pair with its gradient that was ~3 N V scalar conversions).
+// Same results as c10: bf16 rounds to nearest even with NaN -> 0x7FC0; fp16 through F16C
+// (round to nearest even, as c10's software conversion; NaN stays NaN).
+#define CEX_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+
+bool cpu_has_f16c() {
+  static const bool has = __builtin_cpu_supports("f16c");
+  return has;
+}
+
+CEX_AVX2 void avx2_convert(const c10::BFloat16* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+CEX_AVX2 void avx2_convert(const float* src, c10::BFloat16* dst, int64_t n) {
+  const __m256i bias = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const __m256i nan_bf16 = _mm256_set1_epi32(0x7FC0);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), one);
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(bias, lsb)), 16);
+    r = _mm256_blendv_epi8(r, nan_bf16, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    // 32 -> 16 bits: packus works per 128-bit half; the permute joins the two halves
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
+}
+
+CEX_AVX2_F16C void avx2_convert(const c10::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+CEX_AVX2_F16C void avx2_convert(const float* src, c10::Half* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]);
+}
 #endif  // x86-64 GCC/Clang
+
+// A row converted between a 16-bit float type and fp32 (vectorized on AVX2 CPUs, as above).
+template <typename src_t, typename dst_t>
+void convert_row(const src_t* src, dst_t* dst, int64_t n) {
+#ifdef CEX_HAVE_AVX2_ROWS
+  constexpr bool half = std::is_same<src_t, c10::Half>::value || std::is_same<dst_t, c10::Half>::value;
+  if (cpu_has_avx2_fma() && (!half || cpu_has_f16c())) return avx2_convert(src, dst, n);
+#endif
+  at::vec::convert(src, dst, n);
+}
 
 // A row on the AVX2 path when it applies (fp32 on an AVX2+FMA CPU), else the portable one.
 template <typename T>
@@ -634,11 +696,11 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
       }
       if constexpr (widen) {
         acc_t *sa = buf.data(), *ta = sa + V, *gsa = ta + V, *gta = gsa + V;
-        at::vec::convert(s, sa, V);  // vectorized widening (AVX2/AVX-512 specializations)
-        at::vec::convert(t, ta, V);
+        convert_row(s, sa, V);
+        convert_row(t, ta, V);
         loss[r] = row(sa, ta, w[r], gs ? gsa : nullptr, gt ? gta : nullptr, scratch);
-        if (gs) at::vec::convert(gsa, gs, V);
-        if (gt) at::vec::convert(gta, gt, V);
+        if (gs) convert_row(gsa, gs, V);
+        if (gt) convert_row(gta, gt, V);
       } else {
         loss[r] = row(s, t, w[r], gs, gt, scratch);
       }
@@ -646,9 +708,9 @@ void for_each_row(const at::Tensor& student, const at::Tensor& teacher,
   });
 }
 
-// The student's gradient goes to `out` when given: a tensor of the student's shape, dtype
-// and row stride, either the student itself (the gradient overwrites the logits: the
-// fused-linear driver's chunk buffer) or not overlapping it or the teacher.
+// The student's gradient goes to `out` when given: a tensor of the student's shape and dtype,
+// either the student itself (the gradient overwrites the logits: the
+// fused-linear driver's chunk buffer) or a contiguous tensor sharing memory with neither input.
 at::Tensor student_grad_into(const char* name, const at::Tensor& student,
                              const at::Tensor& teacher, const at::Tensor& out) {
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == student.scalar_type() &&
@@ -656,11 +718,10 @@ at::Tensor student_grad_into(const char* name, const at::Tensor& student,
               "cex cpu ", name, ": grad_student_out must be a CPU tensor of the student's "
               "shape and dtype, got ", out.sizes(), " ", out.scalar_type());
   const bool same = out.data_ptr() == student.data_ptr() && out.strides() == student.strides();
-  TORCH_CHECK(same || (out.is_contiguous() &&
-                       at::get_overlap_status(out, student) == at::MemOverlapStatus::No &&
-                       at::get_overlap_status(out, teacher) == at::MemOverlapStatus::No),
+  TORCH_CHECK(same || (out.is_contiguous() && !out.is_alias_of(student) &&
+                       !out.is_alias_of(teacher)),
               "cex cpu ", name, ": grad_student_out must be the student itself or a "
-              "contiguous tensor overlapping neither input");
+              "contiguous tensor sharing memory with neither input");
   return out;
 }
 
