@@ -58,6 +58,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -317,19 +318,23 @@ T tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* scra
 
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-// fp32 rows with AVX2 + FMA, chosen at run time. The extension is compiled for the
-// baseline ISA, where at::vec::Vectorized<float> is a plain array with a scalar exp per
-// lane; these functions alone are compiled for AVX2 (target attribute, so no inline code
-// from the headers is recompiled) and call the Sleef routines libtorch_cpu exports.
-// The Sleef symbols are weak: a torch that stops exporting them leaves them null, and the
-// portable path runs instead of the extension failing to load.
+// fp32 rows with AVX-512F or AVX2 + FMA, chosen at run time (the widest the CPU has). The
+// extension is compiled for the baseline ISA, where at::vec::Vectorized<float> is a plain
+// array with a scalar exp per lane; only the functions of softmax_kl_simd.inc (included
+// below once per width, in a target region) and the conversions use the wider
+// instructions. They call the Sleef routines libtorch_cpu exports; the symbols are weak: a
+// torch that stops exporting them leaves them null, and a narrower path runs instead of
+// the extension failing to load.
 #include <immintrin.h>
 extern "C" __m256 Sleef_expf8_u10(__m256) __attribute__((weak));
 extern "C" __m256 Sleef_log1pf8_u10(__m256) __attribute__((weak));
+extern "C" __m512 Sleef_expf16_u10(__m512) __attribute__((weak));
+extern "C" __m512 Sleef_log1pf16_u10(__m512) __attribute__((weak));
 #define CEX_HAVE_AVX2_ROWS 1
 #define CEX_AVX2 __attribute__((target("avx2,fma")))
 
-// CEX_DISABLE_AVX2=1 forces the portable path (the tests use it to cover both).
+// CEX_DISABLE_AVX2=1 forces the portable path, CEX_DISABLE_AVX512=1 the AVX2 one (the
+// tests use them to cover all three).
 bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                           &Sleef_expf8_u10 != nullptr && &Sleef_log1pf8_u10 != nullptr &&
@@ -337,225 +342,42 @@ bool cpu_has_avx2_fma() {
   return has;
 }
 
-// Lanes at or past `count` read -inf: p = q = 0 there, so every term below is 0.
-CEX_AVX2 inline __m256 load8(const float* x, int64_t count) {
-  if (count >= 8) return _mm256_loadu_ps(x);
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
-                          _mm256_maskload_ps(x, live), _mm256_castsi256_ps(live));
+bool cpu_has_avx512() {
+  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          &Sleef_expf16_u10 != nullptr && &Sleef_log1pf16_u10 != nullptr &&
+                          std::getenv("CEX_DISABLE_AVX512") == nullptr;
+  return has;
 }
 
-// Lanes at or past `count` read 0 (for the kept exponentials: p = q = 0 there).
-CEX_AVX2 inline __m256 load8_or_zero(const float* x, int64_t count) {
-  if (count >= 8) return _mm256_loadu_ps(x);
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_maskload_ps(x, live);
-}
-
-CEX_AVX2 inline void store8(float* out, int64_t count, __m256 v) {
-  if (count >= 8) return _mm256_storeu_ps(out, v);
-  const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  _mm256_maskstore_ps(out, live, v);
-}
-
-CEX_AVX2 inline float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
-// Lane-wise sums flushed into a double every 256 vectors (as BlockedSum).
-struct BlockedSum8 {
-  __m256 acc;
-  double total = 0;
-  int pending = 0;
-  CEX_AVX2 BlockedSum8() : acc(_mm256_setzero_ps()) {}
-  CEX_AVX2 void add(__m256 v) {
-    acc = _mm256_add_ps(acc, v);
-    if (++pending == 256) flush();
-  }
-  CEX_AVX2 void flush() {
-    total += hsum8(acc);
-    acc = _mm256_setzero_ps();
-    pending = 0;
-  }
-  CEX_AVX2 float result() {
-    flush();
-    return static_cast<float>(total);
-  }
-};
-
-CEX_AVX2 inline __m256 zero_where_zero(__m256 p, __m256 v) {  // 0 log 0 = 0
-  return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(p, _mm256_setzero_ps(), _CMP_EQ_OQ));
-}
-
-// As row_stats: keeps the exponentials in `e` when it is not null.
-CEX_AVX2 RowStats<float> avx2_row_stats(const float* x, int64_t V, float inv_t, float* e) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < V; i += 8) m = _mm256_max_ps(m, load8(x + i, V - i));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, m);
-  float mx = lanes[0];
-  for (int k = 1; k < 8; ++k) mx = std::max(mx, lanes[k]);
-  const __m256 vmx = _mm256_set1_ps(mx), vinv = _mm256_set1_ps(inv_t);
-  BlockedSum8 sum;
-  for (int64_t i = 0; i < V; i += 8) {
-    const __m256 ex = Sleef_expf8_u10(_mm256_mul_ps(_mm256_sub_ps(load8(x + i, V - i), vmx), vinv));
-    if (e != nullptr) store8(e + i, V - i, ex);
-    sum.add(ex);
-  }
-  return stats_from_sum<float>(mx, static_cast<double>(sum.result()));
-}
-
-// As divergence_row (p and q from the first pass's exponentials, kept as ExpRows says).
-CEX_AVX2 float avx2_divergence_row(const float* s, const float* t, int64_t V, float inv_t,
-                                   const Mixture<float>& mix, float w, float* gs, float* gt,
-                                   float* scratch, bool gs_is_s) {
-  const __m256 vinv = _mm256_set1_ps(inv_t);
-  const ExpRows<float> e(gs, gt, scratch, V, mix.jsd || mix.sym || gs != nullptr, gs_is_s);
-  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
-                        stats_t = avx2_row_stats(t, V, inv_t, e.et);
-  const __m256 ms = _mm256_set1_ps(stats_s.max), cs = _mm256_set1_ps(stats_s.log_sum);
-  const __m256 mt = _mm256_set1_ps(stats_t.max), ct = _mm256_set1_ps(stats_t.log_sum);
-  const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
-  auto prob_s = [&](int64_t i) CEX_AVX2 { return _mm256_mul_ps(load8_or_zero(e.es + i, V - i), is); };
-  auto prob_t = [&](int64_t i) CEX_AVX2 { return _mm256_mul_ps(load8_or_zero(e.et + i, V - i), it); };
-  // (x - m) inv_t - log_sum: the subtraction of the raw max comes first (see the top).
-  auto logp = [&](const float* x, __m256 m, __m256 c, int64_t i) CEX_AVX2 {
-    return _mm256_fmsub_ps(_mm256_sub_ps(load8(x + i, V - i), m), vinv, c);
-  };
-  if (!mix.jsd && !mix.sym) {  // KL(q || p)
-    const bool fuse = gs != nullptr && gt == nullptr;
-    const __m256 gscale = _mm256_set1_ps(w * inv_t);
-    BlockedSum8 acc;
-    for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = prob_t(i);
-      acc.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
-      if (fuse) store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(prob_s(i), q), gscale));
-    }
-    const float loss = acc.result();
-    if (gt != nullptr) {
-      const __m256 vl = _mm256_set1_ps(loss);
-      for (int64_t i = 0; i < V; i += 8) {
-        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), q = prob_t(i);
-        if (gs != nullptr)
-          store8(gs + i, V - i, _mm256_mul_ps(_mm256_sub_ps(prob_s(i), q), gscale));
-        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vl);
-        store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), gscale));
-      }
-    }
-    return w * loss;
-  }
-  if (mix.sym) {  // (1 - beta) KL(q || p) + beta KL(p || q)
-    BlockedSum8 acc_f, acc_r;
-    for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
-      const __m256 p = prob_s(i), q = prob_t(i);
-      acc_f.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, ls))));
-      acc_r.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lt))));
-    }
-    const float f = acc_f.result(), r = acc_r.result();
-    if (gs != nullptr || gt != nullptr) {
-      const __m256 vf = _mm256_set1_ps(f), vr = _mm256_set1_ps(r);
-      const __m256 a = _mm256_set1_ps(mix.one_m_beta), b = _mm256_set1_ps(mix.beta);
-      const __m256 gscale = _mm256_set1_ps(w * inv_t);
-      for (int64_t i = 0; i < V; i += 8) {
-        const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i);
-        const __m256 p = prob_s(i), q = prob_t(i);
-        if (gs != nullptr) {
-          const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lt), vr);
-          const __m256 rev = zero_where_zero(p, _mm256_mul_ps(p, d));
-          const __m256 g = _mm256_fmadd_ps(a, _mm256_sub_ps(p, q), _mm256_mul_ps(b, rev));
-          store8(gs + i, V - i, _mm256_mul_ps(g, gscale));
-        }
-        if (gt != nullptr) {
-          const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, ls), vf);
-          const __m256 fwd = zero_where_zero(q, _mm256_mul_ps(q, d));
-          const __m256 g = _mm256_fmadd_ps(b, _mm256_sub_ps(q, p), _mm256_mul_ps(a, fwd));
-          store8(gt + i, V - i, _mm256_mul_ps(g, gscale));
-        }
-      }
-    }
-    return w * (mix.one_m_beta * f + mix.beta * r);
-  }
-  const __m256 log_b = _mm256_set1_ps(mix.log_b), log_1mb = _mm256_set1_ps(mix.log_1mb);
-  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  auto log_mixture = [&](__m256 ls, __m256 lt) CEX_AVX2 {
-    const __m256 a = _mm256_add_ps(lt, log_b), b = _mm256_add_ps(ls, log_1mb);
-    const __m256 hi = _mm256_max_ps(a, b), lo = _mm256_min_ps(a, b);
-    const __m256 lm = _mm256_add_ps(hi, Sleef_log1pf8_u10(Sleef_expf8_u10(_mm256_sub_ps(lo, hi))));
-    return _mm256_blendv_ps(lm, hi, _mm256_cmp_ps(hi, neg_inf, _CMP_EQ_OQ));
-  };
-  BlockedSum8 acc_t, acc_s;
-  for (int64_t i = 0; i < V; i += 8) {
-    const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
-    const __m256 p = prob_s(i), q = prob_t(i);
-    acc_t.add(zero_where_zero(q, _mm256_mul_ps(q, _mm256_sub_ps(lt, lm))));
-    acc_s.add(zero_where_zero(p, _mm256_mul_ps(p, _mm256_sub_ps(ls, lm))));
-  }
-  const float kt = acc_t.result(), ks = acc_s.result();
-  if (gs != nullptr || gt != nullptr) {
-    const __m256 vks = _mm256_set1_ps(ks), vkt = _mm256_set1_ps(kt);
-    const __m256 s_scale = _mm256_set1_ps(mix.one_m_beta * w * inv_t);
-    const __m256 t_scale = _mm256_set1_ps(mix.beta * w * inv_t);
-    for (int64_t i = 0; i < V; i += 8) {
-      const __m256 ls = logp(s, ms, cs, i), lt = logp(t, mt, ct, i), lm = log_mixture(ls, lt);
-      // both read before either gradient entry overwrites the kept exponentials
-      const __m256 p = gs != nullptr ? prob_s(i) : _mm256_setzero_ps();
-      const __m256 q = gt != nullptr ? prob_t(i) : _mm256_setzero_ps();
-      if (gs != nullptr) {
-        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(ls, lm), vks);
-        store8(gs + i, V - i, _mm256_mul_ps(zero_where_zero(p, _mm256_mul_ps(p, d)), s_scale));
-      }
-      if (gt != nullptr) {
-        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(lt, lm), vkt);
-        store8(gt + i, V - i, _mm256_mul_ps(zero_where_zero(q, _mm256_mul_ps(q, d)), t_scale));
-      }
-    }
-  }
-  return w * (mix.beta * kt + mix.one_m_beta * ks);
-}
-CEX_AVX2 float avx2_tvd_row(const float* s, const float* t, int64_t V, float inv_t, float w,
-                            float* gs, float* gt, float* scratch, bool gs_is_s) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const ExpRows<float> e(gs, gt, scratch, V, true, gs_is_s);  // p, q from the first pass
-  const RowStats<float> stats_s = avx2_row_stats(s, V, inv_t, e.es),
-                        stats_t = avx2_row_stats(t, V, inv_t, e.et);
-  const __m256 is = _mm256_set1_ps(stats_s.inv_sum), it = _mm256_set1_ps(stats_t.inv_sum);
-  // Dead lanes load 0, so p = q = 0 and every term there is 0.
-  auto prob = [&](const float* x, __m256 inv, int64_t i) CEX_AVX2 {
-    return _mm256_mul_ps(load8_or_zero(x + i, V - i), inv);
-  };
-  auto sign = [&](__m256 p, __m256 q) CEX_AVX2 {  // sign(p - q), 0 where equal
-    return _mm256_sub_ps(_mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_GT_OQ), one),
-                         _mm256_and_ps(_mm256_cmp_ps(p, q, _CMP_LT_OQ), one));
-  };
-  BlockedSum8 acc_abs, acc_sp, acc_sq;
-  for (int64_t i = 0; i < V; i += 8) {
-    const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
-    acc_abs.add(_mm256_and_ps(_mm256_sub_ps(p, q), abs_mask));
-    acc_sp.add(_mm256_mul_ps(p, sg));
-    acc_sq.add(_mm256_mul_ps(q, sg));
-  }
-  const float l1 = acc_abs.result(), sp = acc_sp.result(), sq = acc_sq.result();
-  if (gs != nullptr || gt != nullptr) {
-    const __m256 vsp = _mm256_set1_ps(sp), vsq = _mm256_set1_ps(sq);
-    const __m256 half_scale = _mm256_set1_ps(0.5f * w * inv_t);
-    for (int64_t i = 0; i < V; i += 8) {
-      const __m256 p = prob(e.es, is, i), q = prob(e.et, it, i), sg = sign(p, q);
-      if (gs != nullptr)
-        store8(gs + i, V - i, _mm256_mul_ps(_mm256_mul_ps(p, _mm256_sub_ps(sg, vsp)), half_scale));
-      if (gt != nullptr)
-        store8(gt + i, V - i, _mm256_mul_ps(_mm256_mul_ps(q, _mm256_sub_ps(vsq, sg)), half_scale));
-    }
-  }
-  return w * 0.5f * l1;
-}
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace avx2 {
+#define CEX_SIMD_WIDTH 8
+#include "softmax_kl_simd.inc"
+#undef CEX_SIMD_WIDTH
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#pragma clang attribute push(__attribute__((target("avx512f,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#endif
+namespace avx512 {
+#define CEX_SIMD_WIDTH 16
+#include "softmax_kl_simd.inc"
+#undef CEX_SIMD_WIDTH
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
 
 // bf16 / fp16 rows to and from fp32, 8 lanes at a time: in this baseline-ISA build
 // at::vec::convert is a scalar loop, and c10's bf16 rounding branches on NaN so it does not
@@ -621,14 +443,16 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
   at::vec::convert(src, dst, n);
 }
 
-// A row on the AVX2 path when it applies (fp32 on an AVX2+FMA CPU), else the portable one.
+// An fp32 row on the widest SIMD path the CPU has (AVX-512F, AVX2 + FMA), else portable.
 template <typename T>
 T any_divergence_row(const T* s, const T* t, int64_t V, T inv_t, const Mixture<T>& mix, T w,
                      T* gs, T* gt, T* scratch, bool gs_is_s) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
+    if (cpu_has_avx512())
+      return avx512::divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
     if (cpu_has_avx2_fma())
-      return avx2_divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
+      return avx2::divergence_row(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
   }
 #endif
   return divergence_row<T>(s, t, V, inv_t, mix, w, gs, gt, scratch, gs_is_s);
@@ -639,7 +463,8 @@ T any_tvd_row(const T* s, const T* t, int64_t V, T inv_t, T w, T* gs, T* gt, T* 
               bool gs_is_s) {
 #ifdef CEX_HAVE_AVX2_ROWS
   if constexpr (std::is_same<T, float>::value) {
-    if (cpu_has_avx2_fma()) return avx2_tvd_row(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
+    if (cpu_has_avx512()) return avx512::tvd_row(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
+    if (cpu_has_avx2_fma()) return avx2::tvd_row(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
   }
 #endif
   return tvd_row<T>(s, t, V, inv_t, w, gs, gt, scratch, gs_is_s);
