@@ -51,18 +51,20 @@ def _timed_row(spec: OpSpec, impl: str, case: Case, device, t: dict, step, input
     return row
 
 
-def measure_peaks(spec: OpSpec, device, cases: Sequence[Case]) -> dict:
+def measure_peaks(spec: OpSpec, device, cases: Sequence[Case], *, small: bool = False) -> dict:
     """The copy bandwidth; the peak GEMM rate per dtype for ops with a GEMM roofline; the
-    fp32 exp rate (``exp_per_s``) on the CPU for ops that count their exponentials."""
+    fp32 exp rate (``exp_per_s``) on the CPU for ops that count their exponentials.
+    ``small``: a 32 MiB copy and 512-square GEMMs (a smoke run's figures, not limits)."""
     device = torch.device(device)
-    peaks = {"copy_bytes_per_s": measure_peak_copy_bandwidth(device)}
+    peaks = {"copy_bytes_per_s": measure_peak_copy_bandwidth(
+        device, nbytes=32 * MiB if small else None)}
     if spec.exps is not None and device.type == "cpu":
         # fp32: the precision every implementation evaluates the exponentials in
         peaks["exp_per_s"] = measure_peak_exp_rate(device, torch.float32)
     if spec.roofline == "gemm":
         for dt in sorted({c.dtype for c in cases}, key=str):
             peaks[f"gemm_flops_per_s_{str(dt).replace('torch.', '')}"] = \
-                measure_peak_gemm_flops(device, dt)
+                measure_peak_gemm_flops(device, dt, n=512 if small else None)
     return peaks
 
 
