@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 if __name__ == "__main__":  # run as a script: import the package of this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -94,16 +94,21 @@ def run_cell(case: Case, issue_18: bool, peaks: dict, args) -> dict:
         else:
             impls.append(impl)
     load_before = os.getloadavg()[0]
-    rows = grid_report.measure_cell(spec, impls, case, device, warmup=args.warmup,
-                                    repeats=args.repeats, budget_s=args.budget, peaks=peaks)
+    try:
+        rows = grid_report.measure_cell(spec, impls, case, device, warmup=args.warmup,
+                                        repeats=args.repeats, budget_s=args.budget, peaks=peaks)
+    except Exception as exc:  # e.g. the inputs do not fit: recorded, the other cells go on
+        rows = [{"impl": impl, "error": f"{type(exc).__name__}: {exc}"} for impl in impls]
     load_after = os.getloadavg()[0]
     grid_report.add_paired_ratios(rows)
     return {"op": case.op, "case": str(case), "shape": case.sizes, "dtype": case.dtype_name,
-            "mode": case.mode, "issue_18": issue_18, "load_1min": [load_before, load_after], "skipped": skipped, "rows": rows}
+            "mode": case.mode, "issue_18": issue_18, "load_1min": [load_before, load_after],
+            "skipped": skipped, "rows": rows}
 
 
-def run(args) -> dict:
-    """Measure the limits, then every cell; the report dict."""
+def run(args, save: Callable[[dict], None]) -> dict:
+    """Measure the limits, then every cell; the report dict, passed to ``save`` after
+    each cell (a run stopped midway keeps the cells done)."""
     torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     todo = cells(args.quick)
@@ -122,6 +127,7 @@ def run(args) -> dict:
     for case, issue_18 in todo:
         cell = run_cell(case, issue_18, op_peaks[case.op], args)
         out["cells"].append(cell)
+        save(out)
         times = {r["impl"]: round(r["time_s"]["median"] * 1e3, 2) for r in cell["rows"]
                  if "time_s" in r}
         print(f"{case.op} {case}: ms {times}, load {cell['load_1min']}", flush=True)
@@ -172,7 +178,7 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {_cell_name(cell)} {cell['dtype']}: `{s['impl']}` skipped, {s['reason']}."
                   for s in cell["skipped"]]
-    lines += [""] + notes + (["" ] if notes else []) + [
+    lines += [""] + notes + ([""] if notes else []) + [
         "% copy BW: the op's minimal bytes (inputs read once, gradients written once) per "
         "second over the measured copy bandwidth (read + write). % exp limit (softmax_kl, "
         "tvd): the exponentials one call needs (2 per logit) per second over the measured "
@@ -206,15 +212,17 @@ def main(argv=None) -> dict:
     args.warmup = max(1, args.warmup or 1)  # torch.compile compiles in the first call
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.budget = (0.0 if args.quick else 10.0) if args.budget is None else args.budget
-    report = run(args)
     stem = f"cpu-vs-compile-{datetime.date.today().isoformat()}" + ("-quick" if args.quick else "")
     os.makedirs(args.out_dir, exist_ok=True)
     base = os.path.join(args.out_dir, stem)
-    with open(base + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-        f.write("\n")
-    with open(base + ".md", "w") as f:
-        f.write(markdown(report))
+
+    def save(report: dict) -> None:
+        with open(base + ".json", "w") as f:
+            json.dump(report, f, indent=1, default=str)
+            f.write("\n")
+        with open(base + ".md", "w") as f:
+            f.write(markdown(report))
+    report = run(args, save)
     print(f"wrote {base}.json and {base}.md", flush=True)
     return report
 

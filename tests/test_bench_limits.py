@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,3 +190,25 @@ def test_grid_runner_reports_both_figures_on_a_tiny_cell():
             2 * 4 * 64 / row["time_s"]["median"] / out["peaks"]["exp_per_s"])
     md = report.report_markdown(out)
     assert "| % copy BW | % exp limit |" in md and "| vs torch.compile |" in md
+
+
+def test_script_records_a_failing_cell_and_goes_on(monkeypatch):
+    script = _script()
+
+    def boom(*args, **kwargs):
+        raise MemoryError("no room")
+    monkeypatch.setattr(script.grid_report, "measure_cell", boom)
+    args = SimpleNamespace(impls=["cpu", "eager"], eager_limit=0.0, warmup=1, repeats=1,
+                           budget=0.0)
+    case = script.cells(quick=True)[0][0]
+    cell = script.run_cell(case, True, {}, args)
+    assert cell["rows"] == [{"impl": "cpu", "error": "MemoryError: no room"},
+                            {"impl": "eager", "error": "MemoryError: no room"}]
+    assert len(cell["load_1min"]) == 2 and cell["skipped"] == []
+    env = {"date": "today", "device_name": "test cpu", "cpu_count": 2, "torch": "x",
+           "cex_kernels": "y", "python": "z"}
+    md = script.markdown({"environment": env, "peaks": {"copy_bytes_per_s": 1e10},
+                          "settings": {"quick": True, "threads": 1, "impls": ["cpu", "eager"],
+                                       "warmup": 1, "repeats": 1, "budget_s": 0.0},
+                          "cells": [cell]})
+    assert md.count("error: MemoryError: no room") == 2
