@@ -41,7 +41,8 @@ def device():
 
 @pytest.fixture(scope="session")
 def peaks(request):
-    """Measured peak GEMM rate (per dtype, lazily) and copy bandwidth, for roofline fractions.
+    """Measured peak GEMM rate (per dtype), copy bandwidth and exp rate, each measured when
+    first asked for, for roofline fractions.
 
     Empty under --benchmark-disable (nothing is timed, so there is nothing to compare)."""
     if request.config.getoption("benchmark_disable", False):
@@ -52,6 +53,8 @@ def peaks(request):
             if key not in self:
                 if key == "copy_bytes_per_s":
                     self[key] = measure.measure_peak_copy_bandwidth(DEVICE)
+                elif key == "exp_per_s":
+                    self[key] = measure.measure_peak_exp_rate(DEVICE)
                 elif key.startswith("gemm_flops_per_s_"):
                     dtype = getattr(torch, key.rsplit("_", 1)[-1])
                     self[key] = measure.measure_peak_gemm_flops(DEVICE, dtype)
@@ -67,7 +70,8 @@ def bench_cell(benchmark, peaks):
     Skips (with the spec's reason) what cannot run here; ``extra_info``: impl, flops,
     min_bytes, peak_extra_memory (bytes, one call, see ``benchmarking.measure.peak_extra_memory``)
     and, when timed, gflops_per_s, gb_per_s and the fractions of the measured peaks (GEMM
-    for GEMM-bound ops, copy bandwidth for all)."""
+    for GEMM-bound ops, copy bandwidth for all, the exp rate on the CPU for ops that count
+    their exponentials)."""
     def run(case, impl):
         spec = OPS[case.op]
         reason = spec.cell_skip_reason(impl, case, DEVICE)
@@ -89,11 +93,15 @@ def bench_cell(benchmark, peaks):
             if spec.roofline == "gemm":
                 key = f"gemm_flops_per_s_{case.dtype_name}"
                 cell_peaks[key] = peaks.get(key)
+            exps = spec.exps(case) if spec.exps else None
+            if exps is not None and DEVICE.type == "cpu":
+                cell_peaks["exp_per_s"] = peaks.get("exp_per_s")
             rates = spec_helpers.rates(info["flops"], info["min_bytes"], stats.stats.median,
-                                      cell_peaks, case.dtype_name)
+                                      cell_peaks, case.dtype_name, exps=exps)
             info["gflops_per_s"] = rates["flops_per_s"] / 1e9
             info["gb_per_s"] = rates["min_bytes_per_s"] / 1e9
-            for key in ("gemm_peak_fraction", "roofline_fraction", "bandwidth_fraction"):
+            for key in ("gemm_peak_fraction", "roofline_fraction", "bandwidth_fraction",
+                        "exp_fraction"):
                 if key in rates:
                     info[key] = rates[key]
         benchmark.extra_info.update(info)

@@ -6,7 +6,8 @@
   speedup), :func:`peak_extra_memory` (bytes allocated above the baseline at the peak of
   one call),
   the device's measured peak rates (:func:`measure_peak_gemm_flops`,
-  :func:`measure_peak_copy_bandwidth`) for roofline fractions, :func:`device_name` and
+  :func:`measure_peak_copy_bandwidth`, :func:`measure_peak_exp_rate`) for roofline
+  fractions, :func:`device_name` and
   :func:`environment`;
 - the per-op grids live in :mod:`cex_kernels.benchmarking.grids`, the report runner in
   :mod:`cex_kernels.benchmarking.report`.
@@ -172,14 +173,15 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], *, device, warmup: in
 
 def paired_ratio(baseline: dict, other: dict) -> Optional[dict]:
     """Round-by-round ratios ``baseline / other`` of two :func:`time_interleaved` timings
-    (each pair ran back to back, under the same load): median and quartiles, or None when
-    either has no times."""
+    (each pair ran back to back, under the same load): median, quartiles, min and max, or
+    None when either has no times."""
     pairs = list(zip(baseline.get("times") or [], other.get("times") or []))
     ratios = sorted(a / b for a, b in pairs if b > 0)
     if not ratios:
         return None
     return {"median": _percentile(ratios, 0.5), "p25": _percentile(ratios, 0.25),
-            "p75": _percentile(ratios, 0.75), "rounds": len(ratios)}
+            "p75": _percentile(ratios, 0.75), "min": ratios[0], "max": ratios[-1],
+            "rounds": len(ratios)}
 
 
 def _legacy_profiler_memory_deltas(fn: Callable[[], object]) -> Optional[List[int]]:
@@ -311,6 +313,33 @@ def measure_peak_copy_bandwidth(device, nbytes: Optional[int] = None, repeats: i
         dst = torch.empty_like(src)
         t = time_fn(lambda: dst.copy_(src), warmup=2, repeats=repeats, device=device)
         _PEAK_CACHE[key] = 2.0 * src.numel() * 4 / t["min"]
+    return _PEAK_CACHE[key]
+
+
+def measure_peak_exp_rate(device, dtype: torch.dtype = torch.float32, n: int = 128 * 1024,
+                          calls: int = 200, repeats: int = 5) -> float:
+    """Exponentials per second of ``torch.exp(x, out=y)`` on ``n`` elements (best of ``repeats``
+    samples of ``calls`` calls each); measured once per run.
+
+    The working set (x and y: 1 MiB in fp32 at the default ``n``) stays in the caches, so
+    this is the compute limit of the exponentials, not of memory; ``torch.exp`` splits the
+    ``n`` elements over the process's intra-op threads (``torch.get_num_threads()``, part of
+    the cache key). The inputs are in [-20, 0], the range of a row's logits minus its max.
+    """
+    device = torch.device(device)
+    if n < 1 or calls < 1:
+        raise ValueError(f"measure_peak_exp_rate: n and calls must be >= 1, got {n}, {calls}")
+    key = ("exp", str(device), dtype, n, torch.get_num_threads())
+    if key not in _PEAK_CACHE:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = (-20 * torch.rand(n, generator=gen)).to(device=device, dtype=dtype)
+        y = torch.empty_like(x)
+
+        def run():
+            for _ in range(calls):
+                torch.exp(x, out=y)
+        t = time_fn(run, warmup=1, repeats=repeats, device=device)
+        _PEAK_CACHE[key] = n * calls / t["min"]
     return _PEAK_CACHE[key]
 
 

@@ -12,10 +12,11 @@ import torch
 from cex_kernels.benchmarking.grids import OPS
 from cex_kernels.benchmarking.measure import (NOISY_SPREAD, MiB, device_name, environment,
                                               measure_peak_copy_bandwidth,
-                                              measure_peak_gemm_flops, paired_ratio,
-                                              peak_extra_memory, time_fn, time_interleaved)
-from cex_kernels.benchmarking.spec import (Case, OpSpec, clear_grads, default_repeats,
-                                           impl_label, rates)
+                                              measure_peak_exp_rate, measure_peak_gemm_flops,
+                                              paired_ratio, peak_extra_memory, time_fn,
+                                              time_interleaved)
+from cex_kernels.benchmarking.spec import (OPTIONAL_METRICS, Case, OpSpec, clear_grads,
+                                           default_repeats, impl_label, rates)
 
 # Seconds of timed calls per cell (all implementations together), quick and full grids.
 DEFAULT_BUDGET_S = {"quick": 0.5, "full": 2.0}
@@ -27,27 +28,43 @@ def measure_case(spec: OpSpec, impl: str, case: Case, device, *, warmup: int, re
                  peaks: Optional[dict] = None) -> dict:
     """Time one (impl, case) cell and measure its peak extra memory; one report row."""
     device = torch.device(device)
+    inputs = spec.make_inputs(case, device)
+    step = spec.make_step(impl, case, inputs)
+    t = time_fn(step, warmup=warmup, repeats=repeats, device=device)
+    return _timed_row(spec, impl, case, device, t, step, inputs, peaks)
+
+
+def _timed_row(spec: OpSpec, impl: str, case: Case, device, t: dict, step, inputs: dict,
+               peaks: Optional[dict]) -> dict:
+    """The report row of a timed (impl, case): sizes, FLOPs, bytes, the timing ``t``, the
+    peak extra memory of one more call of ``step`` and the rates against ``peaks``."""
     row = {"op": spec.name, "impl": impl, "device": str(device), "dtype": case.dtype_name,
            "shape": case.sizes, "mode": case.mode, "flops": spec.flops(case),
            "min_bytes": spec.min_bytes(case)}
     if case.variant:
         row["variant"] = case.variant
-    inputs = spec.make_inputs(case, device)
-    step = spec.make_step(impl, case, inputs)
-    row["time_s"] = t = time_fn(step, warmup=warmup, repeats=repeats, device=device)
+    row["time_s"] = t
     clear_grads(inputs)  # the measured call creates the gradients (counted)
     row["peak_extra_memory_bytes"] = peak_extra_memory(step, device)
-    row.update(rates(row["flops"], row["min_bytes"], t["median"], peaks or {}, case.dtype_name))
+    row.update(rates(row["flops"], row["min_bytes"], t["median"], peaks or {},
+                     case.dtype_name, exps=spec.exps(case) if spec.exps else None))
     return row
 
 
-def measure_peaks(spec: OpSpec, device, cases: Sequence[Case]) -> dict:
-    """The copy bandwidth, and the peak GEMM rate per dtype for ops with a GEMM roofline."""
-    peaks = {"copy_bytes_per_s": measure_peak_copy_bandwidth(device)}
+def measure_peaks(spec: OpSpec, device, cases: Sequence[Case], *, small: bool = False) -> dict:
+    """The copy bandwidth; the peak GEMM rate per dtype for ops with a GEMM roofline; the
+    fp32 exp rate (``exp_per_s``) on the CPU for ops that count their exponentials.
+    ``small``: a 32 MiB copy and 512-square GEMMs (a smoke run's figures, not limits)."""
+    device = torch.device(device)
+    peaks = {"copy_bytes_per_s": measure_peak_copy_bandwidth(
+        device, nbytes=32 * MiB if small else None)}
+    if spec.exps is not None and device.type == "cpu":
+        # fp32: the precision every implementation evaluates the exponentials in
+        peaks["exp_per_s"] = measure_peak_exp_rate(device, torch.float32)
     if spec.roofline == "gemm":
         for dt in sorted({c.dtype for c in cases}, key=str):
             peaks[f"gemm_flops_per_s_{str(dt).replace('torch.', '')}"] = \
-                measure_peak_gemm_flops(device, dt)
+                measure_peak_gemm_flops(device, dt, n=512 if small else None)
     return peaks
 
 
@@ -85,18 +102,47 @@ def measure_cell(spec: OpSpec, impls: Sequence[str], case: Case, device, *, warm
         if "error" in t:
             rows[impl] = _error_row(spec, impl, case, device, t["error"])
             continue
-        row = {"op": spec.name, "impl": impl, "device": str(device), "dtype": case.dtype_name,
-               "shape": case.sizes, "mode": case.mode, "flops": spec.flops(case),
-               "min_bytes": spec.min_bytes(case)}
-        if case.variant:
-            row["variant"] = case.variant
-        row["time_s"] = t
-        clear_grads(inputs)  # the measured call creates the gradients (counted)
-        row["peak_extra_memory_bytes"] = peak_extra_memory(steps[impl], device)
-        row.update(rates(row["flops"], row["min_bytes"], t["median"], peaks or {},
-                         case.dtype_name))
-        rows[impl] = row
+        rows[impl] = _timed_row(spec, impl, case, device, t, steps[impl], inputs, peaks)
     return [rows[i] for i in impls if i in rows]
+
+
+def is_ours(impl: str) -> bool:
+    """Whether ``impl`` is one of our kernels (a backend, optionally "/option", or "ours")."""
+    from cex_kernels import _backends
+    base = impl.partition("/")[0]
+    return base == "ours" or base in _backends.names()
+
+
+def add_paired_ratios(rows: Sequence[dict]) -> None:
+    """Add to each row the figures against the other implementations of its cell:
+
+    * ``speedup_vs_eager``: the median over rounds of eager's time / this row's time in the
+      same round (the two ran back to back, under the same load), and
+      ``speedup_vs_eager_rounds`` that median with the quartiles, min and max (the plain
+      ratio of the medians when the rounds cannot be paired); ``memory_vs_eager`` = this
+      row's peak extra memory / eager's;
+    * for our rows (:func:`is_ours`), ``vs_compile``: the same paired ratio with
+      torch.compile's time over ours (> 1: ours is faster), quartiles, min and max.
+    """
+    ok = [r for r in rows if "error" not in r]
+    for row in ok:
+        eager = next((r for r in ok if r["impl"] == "eager" and _same_cell(r, row)), None)
+        if eager:
+            paired = paired_ratio(eager["time_s"], row["time_s"])
+            if paired is not None:  # same-round pairs: a load change hits both alike
+                row["speedup_vs_eager"] = paired["median"]
+                row["speedup_vs_eager_rounds"] = paired
+            else:
+                row["speedup_vs_eager"] = eager["time_s"]["median"] / row["time_s"]["median"]
+            if eager["peak_extra_memory_bytes"] > 0:
+                row["memory_vs_eager"] = (row["peak_extra_memory_bytes"]
+                                          / eager["peak_extra_memory_bytes"])
+        compiled = next((r for r in ok if r["impl"] == "torch.compile" and _same_cell(r, row)),
+                        None)
+        if compiled and is_ours(row["impl"]):
+            paired = paired_ratio(compiled["time_s"], row["time_s"])
+            if paired is not None:
+                row["vs_compile"] = paired
 
 
 def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
@@ -115,9 +161,9 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
     Returns ``{"environment", "peaks", "settings", "skipped", "rows"}``; a row per (case,
     impl) that ran, with the raw times, ``skipped`` entries (impl, reason, and the cell when
     only some cells are skipped) and ``error`` rows (a failure is recorded, never fatal).
-    ``speedup_vs_eager`` = the median over rounds of eager's time / this time in the same
-    round (the two ran back to back, under the same load), ``speedup_vs_eager_rounds`` that
-    median with the quartiles; ``memory_vs_eager`` = this peak extra memory / eager's.
+    Each row has its paired ratios to eager and (ours) to torch.compile
+    (:func:`add_paired_ratios`); the peaks, the exp rate on the CPU for ops that count
+    their exponentials (:func:`measure_peaks`).
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(OPS)}")
@@ -164,19 +210,7 @@ def run_report(op: str = "projected_mse", device=None, *, quick: bool = False,
                      for i in cell_impls]
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for row in rows:
-        eager = next((r for r in rows if r["impl"] == "eager" and "error" not in r
-                      and _same_cell(r, row)), None)
-        if eager and "error" not in row:
-            paired = paired_ratio(eager["time_s"], row["time_s"])
-            if paired is not None:  # same-round pairs: a load change hits both alike
-                row["speedup_vs_eager"] = paired["median"]
-                row["speedup_vs_eager_rounds"] = paired
-            else:
-                row["speedup_vs_eager"] = eager["time_s"]["median"] / row["time_s"]["median"]
-            if eager["peak_extra_memory_bytes"] > 0:
-                row["memory_vs_eager"] = (row["peak_extra_memory_bytes"]
-                                          / eager["peak_extra_memory_bytes"])
+    add_paired_ratios(rows)
     return {"environment": environment(device), "peaks": peaks,
             "settings": {"op": op, "quick": quick, "warmup": warmup, "repeats": repeats,
                          "budget_s": budget_s, "timing": "interleaved",
@@ -223,14 +257,43 @@ def check_flops(spec: OpSpec, cases, device) -> list:
     return checks
 
 
-def _pct(x: Optional[float]) -> str:
+def pct(x: Optional[float]) -> str:
+    """A fraction as a percentage for a table cell ("" for None)."""
     return "" if x is None else f"{100 * x:.0f}%"
 
 
-def _ratio(x: Optional[float]) -> str:
+def ratio_text(x: Optional[float]) -> str:
+    """A ratio for a table cell, "1.23x" ("" for None or NaN)."""
     if x is None or math.isnan(x):
         return ""
     return f"{x:.2f}x" if x >= 0.1 or x == 0 else f"{x:.1g}x"
+
+
+def paired_text(paired: Optional[dict]) -> str:
+    """A :func:`~cex_kernels.benchmarking.measure.paired_ratio` for a table cell: the median
+    with the interquartile range in brackets, "1.23x (1.20-1.31)" ("" for None)."""
+    if not paired:
+        return ""
+    return (f"{ratio_text(paired['median'])} "
+            f"({paired['p25']:.2f}-{paired['p75']:.2f})")
+
+
+def time_text(t: dict) -> str:
+    """A timing (seconds) for a table cell: median (IQR) in ms, "noisy" when flagged."""
+    return (f"{t['median'] * 1e3:.3f} ({t['iqr'] * 1e3:.3f})"
+            + (" noisy" if t.get("noisy") else ""))
+
+
+def peaks_text(peaks: dict, gpu: bool) -> str:
+    """The measured peaks, one phrase each: GEMM per dtype, copy bandwidth, exp rate."""
+    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
+    text = [f"{k.replace('gemm_flops_per_s_', 'GEMM ')} {v / scale:.1f} {unit}"
+            for k, v in peaks.items() if k.startswith("gemm")]
+    text.append(f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
+    if peaks.get("exp_per_s"):
+        text.append(f"exp {peaks['exp_per_s'] / 1e9:.2f} G/s (fp32 `torch.exp`, "
+                    "cache-resident, these threads)")
+    return ", ".join(text)
 
 
 def _columns(gpu: bool) -> dict:
@@ -238,13 +301,16 @@ def _columns(gpu: bool) -> dict:
     unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
     return {
         "flops": (unit, lambda r: f"{r['flops_per_s'] / scale:.1f}"),
-        "gemm_fraction": ("% peak GEMM", lambda r: _pct(r.get("gemm_peak_fraction"))),
+        "gemm_fraction": ("% peak GEMM", lambda r: pct(r.get("gemm_peak_fraction"))),
         "bandwidth": ("GB/s", lambda r: f"{r['min_bytes_per_s'] / 1e9:.1f}"),
-        "bandwidth_fraction": ("% copy BW", lambda r: _pct(r.get("bandwidth_fraction"))),
+        "bandwidth_fraction": ("% copy BW", lambda r: pct(r.get("bandwidth_fraction"))),
+        "exp_fraction": ("% exp limit", lambda r: pct(r.get("exp_fraction"))),
         "peak_memory": ("peak extra MiB", lambda r: f"{r['peak_extra_memory_bytes'] / MiB:.2f}"),
-        "memory_vs_eager": ("mem vs eager", lambda r: _ratio(r.get("memory_vs_eager"))),
-        "speedup": ("vs eager", lambda r: _ratio(r.get("speedup_vs_eager"))),
+        "memory_vs_eager": ("mem vs eager", lambda r: ratio_text(r.get("memory_vs_eager"))),
+        "speedup": ("vs eager", lambda r: ratio_text(r.get("speedup_vs_eager"))),
+        "vs_compile": ("vs torch.compile", lambda r: paired_text(r.get("vs_compile"))),
     }
+
 
 
 def report_markdown(report: dict) -> str:
@@ -252,20 +318,21 @@ def report_markdown(report: dict) -> str:
 
     Columns: the shape (named by the op's sizes), the input variant when the op has any,
     dtype, mode, impl, time, then the op's ``metrics`` (GEMM-bound ops: FLOP/s and % of the
-    measured GEMM peak; memory-bound ops: GB/s and % of the measured copy bandwidth).
+    measured GEMM peak; memory-bound ops: GB/s, % of the measured copy bandwidth and, on
+    the CPU, % of the measured exp rate; "vs torch.compile": torch.compile's time over
+    ours, paired by round, median (IQR)). The columns of :data:`OPTIONAL_METRICS` appear
+    only when some row has their figure.
     """
     env, peaks, settings = report["environment"], report["peaks"], report["settings"]
     spec = OPS.get(settings["op"])
     gpu = env["device"].startswith("cuda")
-    unit, scale = ("TFLOP/s", 1e12) if gpu else ("GFLOP/s", 1e9)
     columns = _columns(gpu)
-    metrics = spec.metrics if spec else ("flops", "gemm_fraction", "peak_memory", "speedup")
     rows = report["rows"]
+    metrics = spec.metrics if spec else ("flops", "gemm_fraction", "peak_memory", "speedup")
+    metrics = [m for m in metrics if m not in OPTIONAL_METRICS
+               or any(r.get(m) is not None for r in rows)]
     size_names = list(rows[0]["shape"]) if rows else []
     with_variant = any(r.get("variant") for r in rows)
-    peak_text = [f"{k.replace('gemm_flops_per_s_', 'GEMM ')} {v / scale:.1f} {unit}"
-                 for k, v in peaks.items() if k.startswith("gemm")]
-    peak_text.append(f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     headers = ([f"shape {' x '.join(size_names)}"] + (["teacher"] if with_variant else [])
                + ["dtype", "mode", "impl", "time ms"] + [columns[m][0] for m in metrics])
     lines = [f"## {settings['op']} on {env['device_name']}", "",
@@ -276,7 +343,7 @@ def report_markdown(report: dict) -> str:
              f"{settings['repeats']} calls each and {settings.get('budget_s', 0):g} s of timed "
              "calls per cell; time = median (IQR), marked `noisy` when the IQR exceeds "
              f"{100 * settings.get('noisy_spread', NOISY_SPREAD):.0f}% of the median.", "",
-             "Measured peaks: " + ", ".join(peak_text) + ".", "",
+             "Measured peaks: " + peaks_text(peaks, gpu) + ".", "",
              "| " + " | ".join(headers) + " |",
              "|" + "---|" * (len(headers) - len(metrics) - 1) + "---:|" * (len(metrics) + 1)]
     for r in rows:
@@ -287,9 +354,7 @@ def report_markdown(report: dict) -> str:
         if "error" in r:
             cells += [f"error: {r['error'][:60]}"] + [""] * len(metrics)
         else:
-            t = r["time_s"]
-            cells.append(f"{t['median'] * 1e3:.3f} ({t['iqr'] * 1e3:.3f})"
-                         + (" noisy" if t.get("noisy") else ""))
+            cells.append(time_text(r["time_s"]))
             cells += [columns[m][1](r) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if report.get("skipped"):

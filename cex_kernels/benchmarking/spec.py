@@ -16,8 +16,12 @@ import torch
 MODES = ("fwd", "fwd+bwd")
 
 # Markdown columns an OpSpec can ask for (see report.report_markdown), in its order.
-METRICS = ("flops", "gemm_fraction", "bandwidth", "bandwidth_fraction", "peak_memory",
-           "memory_vs_eager", "speedup")
+METRICS = ("flops", "gemm_fraction", "bandwidth", "bandwidth_fraction", "exp_fraction",
+           "peak_memory", "memory_vs_eager", "speedup", "vs_compile")
+# Of these, the columns shown only when some row has the figure (a row field of the same
+# name): the exp limit is measured on the CPU only; "vs torch.compile" needs torch.compile
+# in the cell.
+OPTIONAL_METRICS = ("exp_fraction", "vs_compile")
 
 
 @dataclass(frozen=True)
@@ -53,8 +57,10 @@ class OpSpec:
     type for the full grid, where the default of :func:`default_repeats` is too slow.
     ``roofline``: "gemm" (compare with the measured peak GEMM rate) or "bandwidth"
     (memory-bound: compare with the measured copy bandwidth only). ``metrics``: the
-    Markdown columns after the time (names in :data:`METRICS`). ``notes``: how FLOPs and
-    bytes are counted, printed under the table.
+    Markdown columns after the time (names in :data:`METRICS`). ``exps(case)``: the
+    exponentials one call evaluates (a log1p counts as one), for the fraction of the
+    measured exp rate (:func:`rates`); None where exponentials are not the op's cost.
+    ``notes``: how FLOPs and bytes are counted, printed under the table.
     """
     name: str
     shapes: Dict[str, List[dict]]  # device type -> named sizes
@@ -69,8 +75,10 @@ class OpSpec:
     case_skip_reason: Optional[Callable[[str, Case], Optional[str]]] = None
     repeats: Optional[Dict[str, Tuple[int, int]]] = None
     roofline: str = "gemm"
-    metrics: Tuple[str, ...] = ("flops", "gemm_fraction", "peak_memory", "speedup")
+    metrics: Tuple[str, ...] = ("flops", "gemm_fraction", "peak_memory", "speedup",
+                                "vs_compile")
     notes: str = ""
+    exps: Optional[Callable[[Case], int]] = None
 
     def cases(self, device, *, quick: bool = False,
               dtypes: Optional[Sequence[torch.dtype]] = None,
@@ -202,11 +210,20 @@ def default_repeats(device, *, quick: bool = False,
     return (1, 5) if quick else (3, 15)
 
 
-def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: str) -> dict:
-    """Achieved FLOP/s and bytes/s, and their fractions of the measured peaks (roofline)."""
+def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: str,
+          exps: Optional[int] = None) -> dict:
+    """Achieved FLOP/s and bytes/s, and their fractions of the measured peaks (roofline);
+    with ``exps`` (exponentials per call) also exponentials/s and, when ``peaks`` has the
+    measured exp rate (``exp_per_s``: fp32 ``torch.exp``, the precision every
+    implementation computes its exponentials in), ``exp_fraction`` of it."""
     out = {"flops_per_s": flops / seconds, "min_bytes_per_s": min_bytes / seconds}
     gemm = peaks.get(f"gemm_flops_per_s_{dtype_name}")
     bw = peaks.get("copy_bytes_per_s")
+    if exps is not None:
+        out["exps"] = exps
+        out["exp_per_s"] = exps / seconds
+        if peaks.get("exp_per_s"):
+            out["exp_fraction"] = out["exp_per_s"] / peaks["exp_per_s"]
     if gemm:
         out["gemm_peak_fraction"] = out["flops_per_s"] / gemm
     if bw:

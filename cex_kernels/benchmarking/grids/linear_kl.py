@@ -129,14 +129,15 @@ LINEAR_KL = OpSpec(
     name="linear_kl",
     shapes={"cpu": [dict(N=2048, H=256, V=32000), dict(N=1024, H=512, V=50257)],
             "cuda": [dict(N=8192, H=4096, V=131072), dict(N=4096, H=2048, V=32000)]},
-    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16,)},
+    dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16,)},
     impls=(*our_backends("softmax_kl"), "cpu/64MiB", "triton/64MiB", "triton/tiled", "eager",
            "torch.compile", "liger"),
     variants={"cpu": ("teacher_logits",), "cuda": ("teacher_logits", "teacher_hidden")},
     skip_reason=impl_skip_reason, case_skip_reason=_linear_kl_case_skip,
     make_inputs=_linear_kl_inputs, make_step=_linear_kl_step, flops=_linear_kl_flops,
     min_bytes=_linear_kl_min_bytes, repeats={"cpu": (1, 3), "cuda": (3, 10)},
-    metrics=("peak_memory", "memory_vs_eager", "flops", "gemm_fraction", "speedup"),
+    metrics=("peak_memory", "memory_vs_eager", "flops", "gemm_fraction", "speedup",
+             "vs_compile"),
     notes=f"Temperature {TEMPERATURE}, forward KL, batchmean; ours with the default chunk "
           "budget (256 MiB) and with `chunk_bytes=64 MiB` (`<backend>/64MiB`). FLOPs: 2 N H V "
           "per output-layer product, fwd 1 product, fwd+bwd 3 (forward, d hidden, d weight), "

@@ -114,6 +114,24 @@ def _softmax_kl_flops(case: Case) -> int:
     return SOFTMAX_KL_FLOPS_PER_ELEMENT[case.mode] * case.sizes["N"] * case.sizes["V"]
 
 
+# Exponentials per logit element, as our CPU kernel evaluates them (csrc/cpu/softmax_kl.cpp):
+# one per element of each of the two softmaxes, kept between the passes; the JSD adds the
+# mixture's exp and log1p (counted as an exp) per mixture pass: 1 pass fwd, 2 with the
+# gradient. The TVD: the two softmaxes' exponentials, kept the same way.
+SOFTMAX_KL_EXPS_PER_ELEMENT = {("kl", "fwd"): 2, ("kl", "fwd+bwd"): 2,
+                               ("jsd", "fwd"): 4, ("jsd", "fwd+bwd"): 6}
+TVD_EXPS_PER_ELEMENT = 2
+
+
+def _softmax_kl_exps(case: Case) -> int:
+    per_element = SOFTMAX_KL_EXPS_PER_ELEMENT[(case.variant or "kl", case.mode)]
+    return per_element * case.sizes["N"] * case.sizes["V"]
+
+
+def _tvd_exps(case: Case) -> int:
+    return TVD_EXPS_PER_ELEMENT * case.sizes["N"] * case.sizes["V"]
+
+
 def _softmax_kl_min_bytes(case: Case) -> int:
     # Read both logits once; fwd+bwd also writes the student's gradient (N x V).
     elems = case.sizes["N"] * case.sizes["V"] * (3 if case.mode == "fwd+bwd" else 2)
@@ -122,9 +140,16 @@ def _softmax_kl_min_bytes(case: Case) -> int:
 
 # What the grids of these memory-bound losses share.
 _LOGITS_SPEC = dict(
-    dtypes={"cpu": (torch.float32,), "cuda": (torch.bfloat16, torch.float32)},
+    dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.bfloat16, torch.float32)},
     repeats={"cpu": (1, 3), "cuda": (5, 20)}, roofline="bandwidth",
-    metrics=("bandwidth", "bandwidth_fraction", "peak_memory", "memory_vs_eager", "speedup"))
+    metrics=("bandwidth", "bandwidth_fraction", "exp_fraction", "peak_memory",
+             "memory_vs_eager", "speedup", "vs_compile"))
+
+# Under the tables of both ops: what "% exp limit" counts.
+_EXP_NOTE = ("% exp limit (CPU): the exponentials of one call (as our CPU kernel "
+             "evaluates them: {count}) per second, over the measured rate of fp32 "
+             "`torch.exp` on a cache-resident buffer with the same threads; the op's other "
+             "limit besides the copy bandwidth.")
 
 SOFTMAX_KL = OpSpec(
     name="softmax_kl",
@@ -136,12 +161,14 @@ SOFTMAX_KL = OpSpec(
     # rows alone take minutes); `cex bench --op softmax_kl` on a CUDA machine runs both.
     variants={"cpu": ("kl",), "cuda": ("kl", "jsd")},
     skip_reason=impl_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_softmax_kl_step,
-    flops=_softmax_kl_flops, min_bytes=_softmax_kl_min_bytes,
+    flops=_softmax_kl_flops, min_bytes=_softmax_kl_min_bytes, exps=_softmax_kl_exps,
     notes=f"Temperature {TEMPERATURE}, forward KL (variant kl) or JSD beta 0.5 (variant jsd), batchmean. GB/s: minimal bytes (read both "
           "logits once; fwd+bwd also writes the student's N x V gradient) over the median "
           "time; % copy BW: that over the measured copy bandwidth (read + write), the "
           "roofline of this memory-bound op. FLOPs (JSON only) are nominal: 10 per logit "
-          "fwd, 12 fwd+bwd.")
+          "fwd, 12 fwd+bwd. " + _EXP_NOTE.format(
+              count="2 per logit for the KL, 4 fwd and 6 fwd+bwd for the JSD, a log1p "
+                    "counted as an exp"))
 
 
 # --------------------------------------------------------------------------- tvd
@@ -196,10 +223,11 @@ TVD = OpSpec(
     impls=(*our_backends("tvd"), "eager", "torch.compile", "liger"),
     **_LOGITS_SPEC,
     skip_reason=impl_skip_reason, make_inputs=_softmax_kl_inputs, make_step=_tvd_step,
-    flops=_tvd_flops, min_bytes=_softmax_kl_min_bytes,
+    flops=_tvd_flops, min_bytes=_softmax_kl_min_bytes, exps=_tvd_exps,
     notes=f"Temperature {TEMPERATURE}, total variation distance of the softmaxes, mean over "
           "rows. GB/s: minimal bytes (read both logits once; fwd+bwd also writes the "
           "student's N x V gradient) over the median time; % copy BW: that over the measured "
           "copy bandwidth, the roofline of this memory-bound op. FLOPs (JSON only) are "
           "nominal: 16 per logit fwd, 24 fwd+bwd. The cuda backend has no TVD kernel; "
-          "Liger's TVD takes probabilities, so its row counts the softmaxes.")
+          "Liger's TVD takes probabilities, so its row counts the softmaxes. "
+          + _EXP_NOTE.format(count="2 per logit"))
