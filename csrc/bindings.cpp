@@ -123,6 +123,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "grad_student, grad_teacher)", py::arg("student"), py::arg("teacher"),
         py::arg("row_weight"), py::arg("inv_temperature"), py::arg("grad_student"),
         py::arg("grad_teacher"), py::arg("grad_student_out") = py::none());
+  m.def("exp_rate_cpu", &cex::cpu::exp_rate,
+        "Exponentials per second of the CPU row kernels' exp routine on every intra-op thread "
+        "at once (the benchmarks' exp-throughput limit)", py::arg("n"), py::arg("reps"));
   m.def("advise_huge_pages", &cex::cpu::advise_huge_pages,
         "Advise transparent huge pages for a large CPU buffer about to be written in full "
         "(a hint; see csrc/cpu/huge_pages.h)", py::arg("tensor"));

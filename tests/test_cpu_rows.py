@@ -16,7 +16,7 @@ import torch
 import cex_kernels
 from cex_kernels import _backends
 
-from conftest import rerun_cpu_cases_on_portable_path
+from conftest import CPU_PATHS, rerun_cpu_cases_on_path
 
 pytestmark = pytest.mark.skipif(not cex_kernels.backends()["cpu"],
                                 reason="compiled extension not built")
@@ -156,6 +156,8 @@ def test_cpu_fresh_gradient_is_advised_onto_huge_pages():
     assert out == {"": "True", "1": "False"}
 
 
-def test_cpu_portable_path_passes_these_tests():
-    """The cases above again with CEX_DISABLE_AVX2=1 (portable rows and conversions)."""
-    rerun_cpu_cases_on_portable_path(__file__, select="cpu_gradient or cpu_16bit")
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
+def test_cpu_cases_on_other_cpu_paths(path):
+    """The cpu cases above again on the portable (CEX_DISABLE_AVX2=1) and the AVX2
+    (CEX_DISABLE_AVX512=1) paths; in-process they ran on the widest this CPU has."""
+    rerun_cpu_cases_on_path(__file__, path, select="cpu_gradient or cpu_16bit")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import cex_kernels
-from conftest import backend_cases, rerun_cpu_cases_on_portable_path
+from conftest import backend_cases, CPU_PATHS, rerun_cpu_cases_on_path
 from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic these inputs ask for.
@@ -264,6 +264,8 @@ def test_interpreter_bf16_dot_is_computed_in_fp32(device, backend):
     torch.testing.assert_close(g.double().cpu(), want_g, rtol=2e-2, atol=2e-2 * want_g.abs().max().item())
 
 
-def test_cpu_portable_path_passes_these_tests():
-    """The cpu tests above again, on the CPU backend's portable (non-AVX2) path."""
-    rerun_cpu_cases_on_portable_path(__file__)
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
+def test_cpu_cases_on_other_cpu_paths(path):
+    """The cpu cases above again on the portable (CEX_DISABLE_AVX2=1) and the AVX2
+    (CEX_DISABLE_AVX512=1) paths; in-process they ran on the widest this CPU has."""
+    rerun_cpu_cases_on_path(__file__, path)

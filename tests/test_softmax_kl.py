@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import cex_kernels
 import oracle
-from conftest import (HAS_CUDA, assert_close_to_reference, backend_cases,
+from conftest import (CPU_PATHS, HAS_CUDA, assert_close_to_reference, backend_cases,
                       no_triton_reason, skip_unsupported, stand_in_autotune_timer,
                       triton_device)
 
@@ -410,16 +410,18 @@ print("ok")
 """
 
 
-def test_cpu_portable_path_without_avx2():
-    """The CPU backend's baseline-ISA path (used where AVX2/FMA are missing) gives the same
-    results; on this machine the tests above exercise the AVX2 path."""
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
+def test_cpu_other_simd_paths(path):
+    """The CPU backend's baseline-ISA path (used where AVX2/FMA are missing) and its AVX2
+    path (where AVX-512 is) give the same results; the tests above exercise the widest path
+    this machine has."""
     import os
     import subprocess
     import sys
     if not cex_kernels.backends()["cpu"]:
         pytest.skip("compiled extension not built")
     tests_dir = os.path.dirname(os.path.abspath(__file__))  # for `import oracle`
-    env = dict(os.environ, CEX_DISABLE_AVX2="1",
+    env = dict(os.environ, **CPU_PATHS[path],
                PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _PORTABLE_PATH_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import cex_kernels
 from conftest import (TOLERANCES, assert_close_to_reference, backend_cases,
-                      rerun_cpu_cases_on_portable_path, skip_unsupported)
+                      CPU_PATHS, rerun_cpu_cases_on_path, skip_unsupported)
 from oracle import divergence_rows
 
 # The Triton interpreter warns on the -inf - (-inf) and NaN arithmetic some inputs ask for.
@@ -252,9 +252,11 @@ def test_large_offset_and_small_temperature(device, backend):
                                    atol=1e-5 * want_t.abs().max().item())
 
 
-def test_cpu_portable_path_passes_these_tests():
-    """The cpu tests above again, on the CPU backend's portable (non-AVX2) path."""
-    rerun_cpu_cases_on_portable_path(__file__)
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
+def test_cpu_cases_on_other_cpu_paths(path):
+    """The cpu cases above again on the portable (CEX_DISABLE_AVX2=1) and the AVX2
+    (CEX_DISABLE_AVX512=1) paths; in-process they ran on the widest this CPU has."""
+    rerun_cpu_cases_on_path(__file__, path)
 
 
 # --- linear_kl --------------------------------------------------------------------------------

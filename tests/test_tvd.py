@@ -6,7 +6,7 @@ import torch
 
 import cex_kernels
 from conftest import (assert_close_to_reference, backend_cases, no_triton_reason,
-                      rerun_cpu_cases_on_portable_path, skip_unsupported, triton_device)
+                      CPU_PATHS, rerun_cpu_cases_on_path, skip_unsupported, triton_device)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny inputs: one thread is faster
@@ -346,6 +346,8 @@ def test_every_gpu_config(config):
     assert_close_to_reference(gt, w_t, torch.float32, "grad teacher")
 
 
-def test_cpu_portable_path_passes_these_tests():
-    """The cpu cases above again with CEX_DISABLE_AVX2=1 (the portable vectorized path)."""
-    rerun_cpu_cases_on_portable_path(__file__)
+@pytest.mark.parametrize("path", sorted(CPU_PATHS))
+def test_cpu_cases_on_other_cpu_paths(path):
+    """The cpu cases above again on the portable (CEX_DISABLE_AVX2=1) and the AVX2
+    (CEX_DISABLE_AVX512=1) paths; in-process they ran on the widest this CPU has."""
+    rerun_cpu_cases_on_path(__file__, path)

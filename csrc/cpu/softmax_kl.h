@@ -31,5 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tvd_fwd(
     double inv_temperature, bool grad_student, bool grad_teacher,
     const c10::optional<at::Tensor>& grad_student_out);
 
+// Exponentials per second of the row kernels' own exp routine (the SIMD path this CPU runs)
+// over an L1-resident row of n fp32 entries, `reps` sweeps on each of the intra-op threads
+// at once: the exp-throughput limit the benchmarks report these kernels against.
+double exp_rate(int64_t n, int64_t reps);
+
 }  // namespace cpu
 }  // namespace cex
