@@ -273,7 +273,7 @@ def test_linear_kl_symmetric_matches_the_oracle(device, backend, r):
     params = [x.clone().requires_grad_() for x in (h, w, b)]
     loss = cex_kernels.linear_kl(params[0], params[1], t, student_bias=params[2],
                                  direction="symmetric", forward_weight=r, temperature=2.0,
-                                 mask=keep, backend=backend, chunk_bytes=2 * 19 * 20)
+                                 mask=keep, backend=backend, chunk_bytes=2 * 19 * 4)
     grads = torch.autograd.grad(loss, params)
     wanted = [x.double().requires_grad_() for x in (h, w, b)]
     want = oracle_loss(F.linear(*wanted), t, r, 2.0, keep)
@@ -282,7 +282,7 @@ def test_linear_kl_symmetric_matches_the_oracle(device, backend, r):
     for name, g, e in zip(("hidden", "weight", "bias"), grads, want_grads):
         assert_close_to_reference(g, e, torch.float32, f"d {name}")
     module = cex_kernels.LinearKLLoss(direction="symmetric", forward_weight=r, temperature=2.0,
-                                      backend=backend, chunk_bytes=2 * 19 * 20)
+                                      backend=backend, chunk_bytes=2 * 19 * 4)
     torch.testing.assert_close(module(h, w, t, student_bias=b, mask=keep), loss.detach())
 
 

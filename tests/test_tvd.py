@@ -270,7 +270,7 @@ def test_linear_tvd_matches_oracle(device, backend, dtype, teacher):
     leaves = [x.to(dtype).requires_grad_() for x in (h, w, b)]
     loss = cex_kernels.linear_tvd(leaves[0], leaves[1], student_bias=leaves[2], **given,
                                   temperature=1.5, labels=labels, hard_label_weight=0.3,
-                                  backend=backend, chunk_bytes=4 * vocab * 16)
+                                  backend=backend, chunk_bytes=4 * vocab * 4)
     ref = [x.clone().requires_grad_() for x in (h, w, b)]
     z = ref[0] @ ref[1].T + ref[2]
     keep = labels != -100
@@ -295,7 +295,7 @@ def test_linear_tvd_reduction_none_parts_and_gradcheck():
     assert_close_to_reference(kd, oracle_rows(h @ w.T, t, 1.0), torch.float64, "parts kd")
     assert torch.autograd.gradcheck(
         lambda a, b: cex_kernels.linear_tvd(a, b, t, reduction="none", temperature=0.9,
-                                            backend="cpu", chunk_bytes=2 * 9 * 32), (h, w))
+                                            backend="cpu", chunk_bytes=2 * 9 * 8), (h, w))
 
 
 def test_benchmark_cell_steps_agree_with_eager_and_skip_cuda():

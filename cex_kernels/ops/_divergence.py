@@ -342,11 +342,15 @@ def check_top_k_entries(values: Tensor, indices: Tensor, vocab: int) -> None:
                              "with value -inf")
 
 
-def top_k_dense(values: Tensor, indices: Tensor, vocab: int) -> Tensor:
-    """The scatter itself (unchecked): ``(..., vocab)`` logits, -inf off the support."""
-    dense = values.new_full((*values.shape[:-1], vocab), float("-inf"))
+def top_k_dense(values: Tensor, indices: Tensor, vocab: int, out: Optional[Tensor] = None
+                ) -> Tensor:
+    """The scatter itself (unchecked): ``(..., vocab)`` logits, -inf off the support (into
+    ``out`` when given)."""
+    shape = (*values.shape[:-1], vocab)
+    dense = values.new_empty(shape) if out is None else out
+    dense.fill_(float("-inf"))
     # amax: a -inf pad pointing at a real entry's index leaves the real value in place.
-    return dense.scatter_reduce(-1, indices.long(), values, "amax", include_self=True)
+    return dense.scatter_reduce_(-1, indices.long(), values, "amax", include_self=True)
 
 
 @torch.library.custom_op("cex::top_k_to_dense", mutates_args=())

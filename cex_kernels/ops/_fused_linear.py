@@ -74,26 +74,37 @@ def register_row_loss(name: str, rows: Callable, eager: Callable) -> None:
     ROW_LOSSES[name] = RowLoss(rows, eager)
 
 
-def chunk_rows(n_rows: int, vocab: int, itemsize: int, chunk_bytes: int) -> int:
-    # Per row of a chunk: student logits, their gradient, teacher logits (input dtype) and
-    # an fp32 softmax for the hard-label term (fp16: and an fp32 copy of the gradient).
-    per_row = vocab * (3 * itemsize + 4 + (4 if itemsize == 2 else 0))
-    return max(1, min(max(n_rows, 1), chunk_bytes // max(per_row, 1)))
+def chunk_rows(prep: "Prepared", chunk_bytes: int) -> int:
+    """Rows per chunk: as many as ``chunk_bytes`` of per-chunk buffers hold, then evened out
+    over the chunks (no short last chunk: a small GEMM is a slow one)."""
+    n_rows, vocab = prep.hidden.shape[0], prep.weight.shape[0]
+    itemsize = prep.hidden.element_size()
+    # Per row of a chunk: the student logits and, unless the backend writes it over them,
+    # their gradient; the teacher's logits when formed per chunk (head or top-k); with
+    # hard labels an fp32 softmax; fp16/bf16: an fp32 copy of the gradient.
+    over_logits = _backends.get(prep.backend).grad_into_logits
+    per_row = vocab * (itemsize * (1 if over_logits else 2)
+                       + (itemsize if prep.teacher_kind != "logits" else 0)
+                       + (4 if prep.ce_weight is not None else 0)
+                       + (4 if itemsize == 2 else 0))
+    most = max(1, min(max(n_rows, 1), chunk_bytes // max(per_row, 1)))
+    n_chunks = -(-max(n_rows, 1) // most)
+    return -(-max(n_rows, 1) // n_chunks)
 
 
 def teacher_logits_of(kind: str, teacher: List[Tensor], r0: int, r1: int, vocab: int,
                       out: Optional[Tensor] = None) -> Tensor:
     """Rows [r0, r1) of the teacher's logits: given (``"logits"``: ``[logits]``), computed
-    from its head (``"hidden"``: ``[hidden, weight(, bias)]``; into ``out`` when given) or
-    scattered from a top-k pair (``"top_k"``: ``[values, indices]``; -inf off the k
-    entries)."""
+    from its head (``"hidden"``: ``[hidden, weight(, bias)]``) or scattered from a top-k
+    pair (``"top_k"``: ``[values, indices]``; -inf off the k entries); the last two into
+    ``out`` when given."""
     if kind == "logits":
         return teacher[0][r0:r1]
     if kind == "hidden":
         if out is None:
             return torch.nn.functional.linear(teacher[0][r0:r1], *teacher[1:])
         return linear_into(out, teacher[0][r0:r1], *teacher[1:])
-    return _divergence.top_k_dense(teacher[0][r0:r1], teacher[1][r0:r1], vocab)
+    return _divergence.top_k_dense(teacher[0][r0:r1], teacher[1][r0:r1], vocab, out=out)
 
 
 def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -145,11 +156,11 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
     ce_grad = want_grad and ce_weight is not None and hard_weight > 0
     # One (chunk, V) buffer serves every chunk's logits; backends with grad_into_logits
     # then write the gradient over them (the logits are dead by then: the cross-entropy
-    # reads them first). The teacher's head, when given, gets a second one.
+    # reads them first). A teacher formed per chunk (head, top-k) gets a second one.
     rows_of_chunk = min(n_chunk, n_rows)
     logits_buffer = _backends.empty_for_writing((rows_of_chunk, vocab), hidden)
     teacher_buffer = (_backends.empty_for_writing((rows_of_chunk, vocab), teacher[0])
-                      if run_kd and teacher_kind == "hidden" else None)
+                      if run_kd and teacher_kind != "logits" else None)
     for r0 in range(0, n_rows, n_chunk):
         r1 = min(r0 + n_chunk, n_rows)
         h = hidden[r0:r1]

@@ -221,8 +221,7 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
         common = (common[0], _checks.as_rows(prep.weight, unit_inner_stride=True)) + common[2:]
         result = linear_kl_tiled_op(*common)
     else:
-        n_chunk = _fused_linear.chunk_rows(prep.hidden.shape[0], prep.weight.shape[0],
-                                           prep.hidden.element_size(), opts["chunk_bytes"])
+        n_chunk = _fused_linear.chunk_rows(prep, opts["chunk_bytes"])
         result = _fused_linear.linear_loss_chunked_op(*common, prep.teacher_kind, "kl",
                                                       prep.backend, n_chunk)
     return _fused_linear.outputs(prep, result, reduction, return_parts)

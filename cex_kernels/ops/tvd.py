@@ -211,8 +211,7 @@ def linear_tvd(student_hidden: Tensor, student_weight: Tensor,
         unit_teacher_stride=_backends.needs_unit_inner_stride)
     if not isinstance(prep, Prepared):
         return prep
-    n_chunk = _fused_linear.chunk_rows(prep.hidden.shape[0], prep.weight.shape[0],
-                                       prep.hidden.element_size(), opts["chunk_bytes"])
+    n_chunk = _fused_linear.chunk_rows(prep, opts["chunk_bytes"])
     result = _fused_linear.linear_loss_chunked_op(
         prep.hidden, prep.weight, prep.bias, prep.teacher, prep.kd_weight, prep.ce_weight,
         prep.labels, prep.out_scale, soft, hard, temperature, 0.0, False, reduction,
