@@ -107,6 +107,16 @@ def teacher_logits_of(kind: str, teacher: List[Tensor], r0: int, r1: int, vocab:
     return _divergence.top_k_dense(teacher[0][r0:r1], teacher[1][r0:r1], vocab, out=out)
 
 
+def rows_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
+    """A (rows, vocab) view of a fresh buffer whose rows start 64-byte aligned (row stride
+    rounded up to a cache line): BLAS writes an odd-width product (V = 50257) into it up to
+    ~1.3x faster than into contiguous rows (fp32, 1024 x 512 x 50257 on the 2-core EPYC,
+    2026-12-02); the row kernels and the GEMMs that read it take the row stride as it is."""
+    per_line = max(1, 64 // like.element_size())
+    stride = -(-vocab // per_line) * per_line
+    return _backends.empty_for_writing((rows, stride), like)[:, :vocab]
+
+
 def linear_into(out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` written into ``out`` (rows of a reused buffer)."""
     if bias is None:
@@ -158,8 +168,8 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
     # then write the gradient over them (the logits are dead by then: the cross-entropy
     # reads them first). A teacher formed per chunk (head, top-k) gets a second one.
     rows_of_chunk = min(n_chunk, n_rows)
-    logits_buffer = _backends.empty_for_writing((rows_of_chunk, vocab), hidden)
-    teacher_buffer = (_backends.empty_for_writing((rows_of_chunk, vocab), teacher[0])
+    logits_buffer = rows_buffer(rows_of_chunk, vocab, hidden)
+    teacher_buffer = (rows_buffer(rows_of_chunk, vocab, teacher[0])
                       if run_kd and teacher_kind != "logits" else None)
     for r0 in range(0, n_rows, n_chunk):
         r1 = min(r0 + n_chunk, n_rows)
