@@ -1,6 +1,6 @@
 """The CPU row kernels' memory paths (issue 18): the student's gradient written into a given
 buffer or over the student's own logits (the fused-linear driver's in-place chunk), the
-16-bit rows' vectorized conversions, and fresh gradients advised onto huge pages.
+16-bit rows' vectorized conversions, and fresh gradients advised onto huge pages (opt-in).
 
 The accuracy of the gradients themselves is tested against float64 oracles in
 test_softmax_kl.py / test_tvd.py / test_symmetric_kl.py; here the property is that these
@@ -139,21 +139,22 @@ print(" hg" in _vm_flags_of(g.data_ptr() + g.nbytes // 2))
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists(_THP),
                     reason="transparent huge pages are a Linux feature")
 def test_cpu_fresh_gradient_is_advised_onto_huge_pages():
-    """A 16 MiB fresh gradient's pages carry MADV_HUGEPAGE (smaps VmFlags "hg": set by the
-    advice whether or not the system then grants huge pages); CEX_NO_HUGE_PAGES=1 stops it."""
+    """With CEX_HUGE_PAGES=1 a 16 MiB fresh gradient's pages carry MADV_HUGEPAGE (smaps
+    VmFlags "hg": set by the advice whether or not the system then grants huge pages);
+    without it (the default) they do not."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     out = {}
-    for off in ("", "1"):
+    for on in ("", "1"):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests_dir, os.environ.get(
             "PYTHONPATH", "")]))
-        env.pop("CEX_NO_HUGE_PAGES", None)
-        if off:
-            env["CEX_NO_HUGE_PAGES"] = off
+        env.pop("CEX_HUGE_PAGES", None)
+        if on:
+            env["CEX_HUGE_PAGES"] = on
         proc = subprocess.run([sys.executable, "-c", _SMAPS_SCRIPT], env=env, cwd=tests_dir,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        out[off] = proc.stdout.split()[-1]
-    assert out == {"": "True", "1": "False"}
+        out[on] = proc.stdout.split()[-1]
+    assert out == {"": "False", "1": "True"}
 
 
 @pytest.mark.parametrize("path", sorted(CPU_PATHS))

@@ -352,9 +352,10 @@ def needs_unit_inner_stride(backend: str) -> bool:
 
 def empty_for_writing(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = None
                       ) -> torch.Tensor:
-    """``like.new_empty(shape, dtype=dtype)``, on transparent huge pages when it is a large CPU buffer and
-    the compiled extension is here (a fresh buffer's first writes otherwise fault once per
-    4 KiB page: ``csrc/cpu/huge_pages.h``). For buffers about to be written in full."""
+    """``like.new_empty(shape, dtype=dtype)``, on transparent huge pages when it is a large
+    CPU buffer, the compiled extension is here and ``CEX_HUGE_PAGES=1`` (a fresh buffer's
+    first writes otherwise fault once per 4 KiB page: ``csrc/cpu/huge_pages.h``). For
+    buffers about to be written in full."""
     out = like.new_empty(shape, dtype=dtype)
     if out.device.type == "cpu" and _C is not None:
         _C.advise_huge_pages(out)

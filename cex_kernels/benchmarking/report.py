@@ -291,8 +291,8 @@ def peaks_text(peaks: dict, gpu: bool) -> str:
             for k, v in peaks.items() if k.startswith("gemm")]
     text.append(f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write)")
     if peaks.get("exp_per_s"):
-        text.append(f"exp {peaks['exp_per_s'] / 1e9:.2f} G/s (fp32 `torch.exp`, "
-                    "cache-resident, these threads)")
+        text.append(f"exp {peaks['exp_per_s'] / 1e9:.2f} G/s (fp32, the C++ kernels' exp "
+                    "routine, L1-resident, these threads)")
     return ", ".join(text)
 
 

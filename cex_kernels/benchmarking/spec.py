@@ -214,8 +214,8 @@ def rates(flops: int, min_bytes: int, seconds: float, peaks: dict, dtype_name: s
           exps: Optional[int] = None) -> dict:
     """Achieved FLOP/s and bytes/s, and their fractions of the measured peaks (roofline);
     with ``exps`` (exponentials per call) also exponentials/s and, when ``peaks`` has the
-    measured exp rate (``exp_per_s``: fp32 ``torch.exp``, the precision every
-    implementation computes its exponentials in), ``exp_fraction`` of it."""
+    measured exp rate (``exp_per_s``: fp32, the precision every implementation computes
+    its exponentials in; see ``measure.measure_peak_exp_rate``), ``exp_fraction`` of it."""
     out = {"flops_per_s": flops / seconds, "min_bytes_per_s": min_bytes / seconds}
     gemm = peaks.get(f"gemm_flops_per_s_{dtype_name}")
     bw = peaks.get("copy_bytes_per_s")

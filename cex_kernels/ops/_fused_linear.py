@@ -108,11 +108,15 @@ def teacher_logits_of(kind: str, teacher: List[Tensor], r0: int, r1: int, vocab:
 
 
 def rows_buffer(rows: int, vocab: int, like: Tensor) -> Tensor:
-    """A (rows, vocab) view of a fresh buffer whose rows start 64-byte aligned (row stride
-    rounded up to a cache line): BLAS writes an odd-width product (V = 50257) into it up to
-    ~1.3x faster than into contiguous rows (fp32, 1024 x 512 x 50257 on the 2-core EPYC,
-    2026-12-02); the row kernels and the GEMMs that read it take the row stride as it is."""
-    per_line = max(1, 64 // like.element_size())
+    """A (rows, vocab) fresh buffer. fp32/fp64 on the CPU: a view whose rows start 64-byte
+    aligned (row stride rounded up to a cache line): MKL writes an odd-width product
+    (V = 50257) into it up to ~1.3x faster than into contiguous rows (fp32, 1024 x 512 x
+    50257 on the 2-core EPYC, 2026-12-02), and the row kernels and the GEMMs that read it
+    take the row stride as it is. Not for 16-bit dtypes, whose CPU GEMMs (oneDNN) copy a
+    strided operand or output first, nor on GPUs (not measured)."""
+    if like.device.type != "cpu" or like.element_size() < 4:
+        return _backends.empty_for_writing((rows, vocab), like)
+    per_line = 64 // like.element_size()
     stride = -(-vocab // per_line) * per_line
     return _backends.empty_for_writing((rows, stride), like)[:, :vocab]
 

@@ -41,12 +41,20 @@
 // Minimal bytes: read both logits once (2 N V itemsize), write each requested gradient once
 // (N V itemsize), plus 4 N for the row losses.
 // Rows are split over threads with at::parallel_for; fp16/bf16 rows are widened into a
-// per-thread fp32 buffer first (and the gradient narrowed on the way out). fp32 rows run
-// an AVX2+FMA version (Sleef exp/log1p) when the CPU has it, else the portable
+// per-thread fp32 buffer first (and the gradient narrowed on the way out; AVX2 bit
+// arithmetic / F16C). fp32 rows run the AVX-512F or AVX2+FMA version
+// (softmax_kl_simd.inc: Sleef exp/log1p) when the CPU has it, else the portable
 // at::vec::Vectorized version (which this baseline-ISA build compiles to scalar lanes);
 // float64 (gradcheck) always takes the portable one. Sums are blocked (fp32 runs of 256
 // vectors, flushed into a double) so V = 256k rows lose no accuracy against eager PyTorch.
-// Tuned for N = 128..8192, V = 32k..256k fp32/bf16 on a 2-core AVX2 x86 machine.
+// Outputs: a fresh gradient (on huge pages with CEX_HUGE_PAGES=1: huge_pages.h), or the
+// caller's buffer, which may be the student itself (grad_student_out: the fused-linear
+// driver overwrites each chunk's logits with their gradient).
+// Measured (2-core AMD EPYC Zen 4, 2026-12-02, N=2048 V=32000 fp32, KL with the student
+// gradient into a warm buffer): ~46 ms, against 43 ms for its 2 N V exps at the machine's
+// exp rate (exp_rate below: 3.06 G/s on 2 threads) and 28 ms for its bytes at the copy
+// bandwidth (29 GB/s): exp-bound, at ~90% of that limit.
+// Tuned for N = 128..8192, V = 32k..256k fp32/bf16 on a 2-core x86 machine.
 #include "softmax_kl.h"
 
 #include "huge_pages.h"
