@@ -66,12 +66,26 @@ def _call(fn, inputs, case, reduction, **kw):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_loss_and_gradients_match_reference(device, backend, dtype, reduction, case):
     skip_unsupported(device, backend, dtype)
-    inputs = make(dtype=dtype, device=device)
+    # chunk_bytes small enough for several chunks (at most 7 rows each, whatever the backend)
+    _check_against_oracle(make(dtype=dtype, device=device), case, reduction, dtype, device,
+                          backend, chunk_bytes=7 * 37 * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 5 * 37 * 4], ids=["one_chunk", "chunks"])
+def test_cpu_one_chunk_or_several(dtype, chunk_bytes):
+    """The cpu driver's paths: the logits buffer overwritten by its gradient (rows padded to
+    a cache line for fp32), the cross-entropy read before that, d weight allocated by the
+    first chunk (bf16 with one chunk: its bf16 product is d weight itself)."""
+    case = ("hidden", True, True, True, 0.5, "forward", None, 1.5)
+    _check_against_oracle(make(dtype=dtype), case, "batchmean", dtype, "cpu", "cpu",
+                          chunk_bytes=chunk_bytes)
+
+
+def _check_against_oracle(inputs, case, reduction, dtype, device, backend, **kw):
     for name in ("student_hidden", "student_weight", "student_bias"):
         inputs[name].requires_grad_()
-    # chunk_bytes small enough for several chunks (at most 7 rows each, whatever the backend)
-    loss = _call(cex_kernels.linear_kl, inputs, case, reduction, backend=backend,
-                 chunk_bytes=7 * 37 * 4)
+    loss = _call(cex_kernels.linear_kl, inputs, case, reduction, backend=backend, **kw)
     ref_inputs = {k: (v.detach().double().cpu().requires_grad_(v.requires_grad)
                       if v.dtype.is_floating_point else v.cpu()) for k, v in inputs.items()}
     expected = _call(oracle.linear_kl, ref_inputs, case, reduction)

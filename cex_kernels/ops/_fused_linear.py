@@ -81,12 +81,14 @@ def chunk_rows(prep: "Prepared", chunk_bytes: int) -> int:
     itemsize = prep.hidden.element_size()
     # Per row of a chunk: the student logits and, unless the backend writes it over them,
     # their gradient; the teacher's logits when formed per chunk (head or top-k); with
-    # hard labels an fp32 softmax; fp16/bf16: an fp32 copy of the gradient.
+    # hard labels an fp32 softmax (and, for 16-bit logits, their fp32 copy and the summed
+    # gradient's); fp16: the gradient's fp32 copy for d weight (see _accumulate_weight_grad).
     over_logits = _backends.get(prep.backend).grad_into_logits
+    hard = prep.ce_weight is not None
     per_row = vocab * (itemsize * (1 if over_logits else 2)
                        + (itemsize if prep.teacher_kind != "logits" else 0)
-                       + (4 if prep.ce_weight is not None else 0)
-                       + (4 if itemsize == 2 else 0))
+                       + ((4 if itemsize >= 4 else 12) if hard else 0)
+                       + (4 if prep.hidden.dtype == torch.float16 else 0))
     most = max(1, min(max(n_rows, 1), chunk_bytes // max(per_row, 1)))
     n_chunks = -(-max(n_rows, 1) // most)
     return -(-max(n_rows, 1) // n_chunks)
@@ -159,9 +161,9 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
     kd_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     ce_rows = torch.zeros(n_rows, dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if want_grad else None
-    # d weight is written by the first chunk's product (zeroed at the end if none ran)
-    grad_weight = _backends.empty_for_writing(weight.shape, weight, acc) if want_grad else None
-    weight_written = False
+    # d weight: allocated by the first chunk's product (zeros at the end if none ran)
+    grad_weight = None
+    only_chunk = n_chunk >= n_rows
     grad_bias = (torch.zeros(vocab, dtype=acc, device=weight.device)
                  if want_grad and bias is not None else None)
     run_kd = soft_weight > 0 or want_parts
@@ -211,33 +213,35 @@ def _chunked_pass(hidden, weight, bias, teacher_kind, teacher, row_loss, kd_weig
                 grad_hidden[r0:r1] = 0
                 continue
             torch.mm(grad_logits, weight, out=grad_hidden[r0:r1])
-            _accumulate_weight_grad(grad_weight, grad_logits, h, acc, first=not weight_written)
-            weight_written = True
+            grad_weight = _accumulate_weight_grad(grad_weight, grad_logits, h, weight, acc,
+                                                  only_chunk)
             if grad_bias is not None:
                 grad_bias += grad_logits.to(acc).sum(0)
-    if want_grad and not weight_written:
-        grad_weight.zero_()
+    if want_grad and grad_weight is None:
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     return kd_rows, ce_rows, grad_hidden, grad_weight, grad_bias
 
 
-def _accumulate_weight_grad(grad_weight: Tensor, grad_logits: Tensor, h: Tensor, acc,
-                            first: bool) -> None:
-    """``d weight (+)= grad_logitsᵀ @ h`` in ``acc`` (the first chunk writes, the others add)."""
+def _accumulate_weight_grad(grad_weight: Optional[Tensor], grad_logits: Tensor, h: Tensor,
+                            weight: Tensor, acc, only_chunk: bool) -> Tensor:
+    """``d weight += grad_logitsᵀ @ h`` in ``acc``; the first chunk (``grad_weight`` None)
+    allocates it. Returns d weight."""
     if grad_logits.dtype == torch.bfloat16:  # the chunk's product in bf16, summed in fp32
-        product = (grad_logits.T @ h).to(acc)
-        if first:
-            grad_weight.copy_(product)
-        else:
-            grad_weight += product
-        return
+        product = grad_logits.T @ h
+        if only_chunk:  # nothing to sum: the bf16 product is d weight, rounded once as
+            return product  # the fp32 round trip would leave it
+        if grad_weight is None:
+            return product.to(acc)
+        grad_weight += product
+        return grad_weight
     if grad_logits.dtype == torch.float16:
         # fp16 gradients carry no 1/N (see _autograd): a sum over the chunk's rows can
         # pass fp16's range, so this product is formed in fp32.
         grad_logits, h = grad_logits.to(acc), h.to(acc)
-    if first:
-        torch.mm(grad_logits.T, h, out=grad_weight)
-    else:
-        grad_weight.addmm_(grad_logits.T, h)
+    if grad_weight is None:
+        out = _backends.empty_for_writing(weight.shape, weight, acc)
+        return torch.mm(grad_logits.T, h, out=out)
+    return grad_weight.addmm_(grad_logits.T, h)
 
 
 def finish(hidden, weight, rows, out_scale, soft_weight, hard_weight, reduction, want_grad):
