@@ -34,8 +34,9 @@ import torch
 
 from cex_kernels.benchmarking import OPS
 from cex_kernels.benchmarking import report as grid_report
+from cex_kernels.benchmarking import measure
 from cex_kernels.benchmarking.measure import MiB, environment
-from cex_kernels.benchmarking.spec import Case
+from cex_kernels.benchmarking.spec import Case, rates
 
 OPS_RUN = ("softmax_kl", "tvd", "linear_kl", "projected_mse")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -131,6 +132,26 @@ def run(args, save: Callable[[dict], None]) -> dict:
         times = {r["impl"]: round(r["time_s"]["median"] * 1e3, 2) for r in cell["rows"]
                  if "time_s" in r}
         print(f"{case.op} {case}: ms {times}, load {cell['load_1min']}", flush=True)
+    # The limits again, after the cells: on a shared VM one measurement can come out low
+    # (a descheduled core), and a limit below what a cell achieved means nothing. Each
+    # limit is the best of the two; every fraction is recomputed against it.
+    measure.clear_peak_cache()
+    again = {op: grid_report.measure_peaks(OPS[op], device,
+                                           [c for c, _ in todo if c.op == op],
+                                           small=args.quick) for op in OPS_RUN}
+    out["peaks_measured"] = {"before": peaks,
+                             "after": {k: v for p in again.values() for k, v in p.items()}}
+    for op in OPS_RUN:
+        op_peaks[op] = {k: max(v, again[op].get(k, v)) for k, v in op_peaks[op].items()}
+    out["peaks"] = {k: v for p in op_peaks.values() for k, v in p.items()}
+    for cell in out["cells"]:
+        for row in cell["rows"]:
+            if "time_s" in row:
+                row.update(rates(row["flops"], row["min_bytes"], row["time_s"]["median"],
+                                 op_peaks[cell["op"]], cell["dtype"], exps=row.get("exps")))
+    print("limits (best of before and after):", grid_report.peaks_text(out["peaks"], gpu=False),
+          flush=True)
+    save(out)
     return out
 
 
@@ -157,7 +178,8 @@ def markdown(report: dict) -> str:
              f"{settings['budget_s']:g} s of timed calls; time = median (IQR) in ms. "
              "torch.compile / ours: the median of the round-by-round ratios of the two "
              "(> 1: ours is faster), interquartile range in brackets (min and max in the JSON).",
-             "", "Measured limits: " + grid_report.peaks_text(peaks, gpu=False) + ".", "",
+             "", "Measured limits (each the best of a measurement before the cells and one "
+             "after): " + grid_report.peaks_text(peaks, gpu=False) + ".", "",
              "| " + " | ".join(headers) + " |", "|---|---|" + "---:|" * (len(headers) - 2)]
     notes = []
     for cell in report["cells"]:

@@ -283,6 +283,11 @@ def peak_extra_memory(fn: Callable[[], object], device) -> int:
 _PEAK_CACHE: Dict[tuple, float] = {}
 
 
+def clear_peak_cache() -> None:
+    """Forget the measured peaks, so that the next ``measure_peak_*`` call measures again."""
+    _PEAK_CACHE.clear()
+
+
 def measure_peak_gemm_flops(device, dtype: torch.dtype = torch.float32, n: Optional[int] = None,
                             repeats: int = 5) -> float:
     """FLOP/s of a large square ``torch.mm`` (best of ``repeats``); measured once per run.
