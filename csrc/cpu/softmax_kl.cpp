@@ -50,10 +50,11 @@
 // Outputs: a fresh gradient (on huge pages with CEX_HUGE_PAGES=1: huge_pages.h), or the
 // caller's buffer, which may be the student itself (grad_student_out: the fused-linear
 // driver overwrites each chunk's logits with their gradient).
-// Measured (2-core AMD EPYC Zen 4, 2026-12-02, N=2048 V=32000 fp32, KL with the student
-// gradient into a warm buffer): ~46 ms, against 43 ms for its 2 N V exps at the machine's
-// exp rate (exp_rate below: 3.06 G/s on 2 threads) and 28 ms for its bytes at the copy
-// bandwidth (29 GB/s): exp-bound, at ~90% of that limit.
+// Measured (2-core AMD EPYC Zen 4 VM, 2026-12-02, N=2048 V=32000 fp32, KL with the student
+// gradient into a warm buffer, AVX-512): ~46 ms; its 2 N V exps take 23 ms at the exp
+// rate (exp_rate below: 5.1-5.9 G/s on 2 threads) and its minimal bytes 25 ms at the copy
+// bandwidth (30-32 GB/s): about the sum of the two floors. A fresh gradient adds its page
+// faults (~55 ms for 262 MB on 4 KiB pages).
 // Tuned for N = 128..8192, V = 32k..256k fp32/bf16 on a 2-core x86 machine.
 #include "softmax_kl.h"
 
