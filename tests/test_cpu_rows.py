@@ -88,11 +88,13 @@ def test_cpu_grad_student_out_rejects_bad_buffers():
         "wrong dtype": torch.empty(4, 16, dtype=torch.float64),
         "overlaps the student": torch.empty(0).set_(s.untyped_storage(), 8, (4, 16), (16, 1)),
         "is the teacher": t,
+        "is the student, which is the teacher": s,  # (called with teacher=s below)
         "not contiguous": torch.empty(16, 4).T,
     }
     for why, out in bad.items():
+        teacher = s if "which is the teacher" in why else t
         with pytest.raises(RuntimeError, match="grad_student_out"):
-            kernel(s, t, w, 1.0, 0.0, False, True, False, grad_student_out=out)
+            kernel(s, teacher, w, 1.0, 0.0, False, True, False, grad_student_out=out)
             pytest.fail(why)
 
 

@@ -560,10 +560,11 @@ at::Tensor student_grad_into(const char* name, const at::Tensor& student,
               "cex cpu ", name, ": grad_student_out must be a CPU tensor of the student's "
               "shape and dtype, got ", out.sizes(), " ", out.scalar_type());
   const bool same = out.data_ptr() == student.data_ptr() && out.strides() == student.strides();
-  TORCH_CHECK(same || (out.is_contiguous() && !out.is_alias_of(student) &&
-                       !out.is_alias_of(teacher)),
+  TORCH_CHECK(same || (out.is_contiguous() && !out.is_alias_of(student)),
               "cex cpu ", name, ": grad_student_out must be the student itself or a "
               "contiguous tensor sharing memory with neither input");
+  TORCH_CHECK(!out.is_alias_of(teacher), "cex cpu ", name, ": grad_student_out shares "
+              "memory with the teacher, which the kernel still reads while writing it");
   return out;
 }
 
