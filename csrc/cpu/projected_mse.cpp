@@ -5,7 +5,8 @@
 // FLOPs: 2 * N * d_t * d_s (the product) + 4 * N * d_s (epilogue).
 // Minimal bytes: read S, T, P once; write grad (N * d_s) and row_sq_err (4 * N).
 //
-// Strategy: rows are processed in blocks of `rows_per_block`, sized so that the
+// Strategy (bf16 with a gradient: projected_mse_into_grad below, one GEMM into the
+// gradient's memory). Otherwise rows are processed in blocks of `rows_per_block`, sized so that the
 // product tile (rows_per_block x d_s) plus its teacher rows stay in L2. Each block's
 // tile is produced by the BLAS GEMM (at::mm_out into a per-thread scratch buffer, the
 // fastest GEMM PyTorch has on this CPU), then consumed while hot by a fused epilogue
@@ -135,6 +136,31 @@ void projected_mse_blocks(const at::Tensor& student, const at::Tensor& teacher,
   });
 }
 
+// bf16 with a gradient: the product is formed in the gradient's own memory by one GEMM
+// over all rows (oneDNN's bf16 GEMM threads itself; the per-block single-threaded calls
+// made fwd+bwd 4-8% slower: 13.3 vs 12.6 ms at N=8192 d_t=1024 d_s=256, 2026-12-02), then
+// each row's epilogue turns it into the gradient in place. Same roundings as the blocked
+// path (the product rounded to bf16, as eager); no memory beyond the gradient.
+template <typename scalar_t, typename acc_t>
+void projected_mse_into_grad(const at::Tensor& student, const at::Tensor& teacher,
+                             const at::Tensor& projection_tile, at::Tensor& row_sq_err,
+                             at::Tensor& grad, acc_t grad_scale) {
+  at::mm_out(grad, teacher, projection_tile);
+  const int64_t n_rows = student.size(0), d_s = student.size(1);
+  const scalar_t* s_base = student.data_ptr<scalar_t>();
+  const int64_t s_stride = student.stride(0);
+  scalar_t* g_base = grad.data_ptr<scalar_t>();
+  acc_t* loss = row_sq_err.data_ptr<acc_t>();
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(d_s, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* g = g_base + r * d_s;  // holds the product's row, read before overwritten
+      loss[r] = epilogue_row<scalar_t, scalar_t, acc_t>(s_base + r * s_stride, g, g, d_s,
+                                                        grad_scale);
+    }
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> projected_mse_fwd(const at::Tensor& student,
@@ -176,6 +202,13 @@ std::tuple<at::Tensor, at::Tensor> projected_mse_fwd(const at::Tensor& student,
     using tile_t = std::conditional_t<std::is_same<scalar_t, at::Half>::value, float, scalar_t>;
     const at::Tensor projection_tile =
         projection.to(c10::CppTypeToScalarType<tile_t>::value).contiguous();
+    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+      if (compute_grad) {
+        projected_mse_into_grad<scalar_t, acc_t>(student, teacher, projection_tile, row_sq_err,
+                                                 grad, static_cast<acc_t>(grad_scale));
+        return;
+      }
+    }
     projected_mse_blocks<scalar_t, tile_t, acc_t>(student, teacher, projection_tile, row_sq_err,
                                                   grad, static_cast<acc_t>(grad_scale));
   });
