@@ -206,7 +206,8 @@ def markdown(report: dict) -> str:
         "tvd): the exponentials one call needs (2 per logit) per second over the measured "
         "fp32 exp rate (the C++ kernels' own Sleef routine on an L1-resident row, every "
         "thread at once: `_C.exp_rate_cpu`). % peak "
-        "GEMM (linear_kl, projected_mse): FLOP/s over a square `torch.mm` of the same dtype. "
+        "GEMM (linear_kl, projected_mse): FLOP/s over the fastest square GEMM of the same "
+        "dtype here (`torch.mm` or, for fp32, oneDNN's matmul, the ops' own route). "
         "Peak extra memory: bytes allocated above the inputs at the peak of one call "
         "(calling thread's allocator events). The JSON has every call's time and every "
         "implementation's fractions."]

@@ -3,12 +3,14 @@ option fails where the module is built, not at the first forward) with the same 
 as its functional op."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from cex_kernels import _backends, _checks
 from cex_kernels.ops import _divergence
-from cex_kernels.ops.linear_kl import DEFAULT_CHUNK_BYTES, check_options as _check_linear_kl
+from cex_kernels.ops.linear_kl import check_options as _check_linear_kl
 from cex_kernels.ops.linear_kl import linear_kl
 from cex_kernels.ops.projected_mse import REDUCTIONS as _MSE_REDUCTIONS
 from cex_kernels.ops.projected_mse import projected_mse
@@ -147,7 +149,7 @@ class LinearKLLoss(nn.Module):
                  forward_weight=None, beta=None, reduction: str = "batchmean",
                  ignore_index: int = -100,
                  hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
-                 scale_by_t2: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 scale_by_t2: bool = True, chunk_bytes: Optional[int] = None,
                  algorithm: str = "auto", backend: str = "auto", return_parts: bool = False):
         super().__init__()
         name = "LinearKLLoss"

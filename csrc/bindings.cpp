@@ -6,6 +6,7 @@
 
 #include "cpu/projected_mse.h"
 #include "cpu/huge_pages.h"
+#include "cpu/matmul.h"
 #include "cpu/softmax_kl.h"
 
 #ifdef CEX_WITH_CUDA
@@ -129,6 +130,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &cex::cpu::advise_huge_pages,
         "Advise transparent huge pages for a large CPU buffer about to be written in full "
         "(a hint; see csrc/cpu/huge_pages.h)", py::arg("tensor"));
+  m.def("matmul_into_cpu", &cex::cpu::matmul_into,
+        "out = a @ b (out += a @ b when accumulate) on the CPU; fp32 through oneDNN when "
+        "PyTorch has it (see csrc/cpu/matmul.h)", py::arg("out"), py::arg("a"), py::arg("b"),
+        py::arg("accumulate"));
+  m.def("onednn_matmul_enabled", &cex::cpu::onednn_matmul_enabled,
+        "Whether fp32 CPU products take oneDNN's matmul now (csrc/cpu/matmul.h)");
 #ifdef CEX_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("projected_mse_fwd_cuda", &projected_mse_fwd_cuda,

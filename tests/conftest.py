@@ -145,21 +145,24 @@ def free_port() -> int:
 # The CPU backend's SIMD paths, each forced by an environment variable (csrc/cpu/softmax_kl.cpp):
 # the tests run in-process on the widest the machine has; these rerun them on the others.
 CPU_PATHS = {"portable": {"CEX_DISABLE_AVX2": "1"}, "avx2": {"CEX_DISABLE_AVX512": "1"}}
+# fp32 CPU products through torch.mm (MKL) instead of oneDNN (csrc/cpu/matmul.cpp)
+GEMM_PATHS = {"mkl_gemm": {"CEX_DISABLE_ONEDNN": "1"}}
 
 
 def rerun_cpu_cases_on_path(test_file: str, path: str, select: str = "cpu-cpu") -> None:
-    """The CPU backend picks its SIMD path once per process: rerun ``test_file``'s
-    ``select`` cases (pytest -k) in a subprocess with ``path`` (a :data:`CPU_PATHS` key:
-    the baseline-ISA portable path, or AVX2 without AVX-512) forced."""
+    """The CPU backend picks its SIMD path (and its fp32 GEMM) once per process: rerun
+    ``test_file``'s ``select`` cases (pytest -k) in a subprocess with ``path`` forced (a
+    :data:`CPU_PATHS` key: the baseline-ISA portable path, or AVX2 without AVX-512; or a
+    :data:`GEMM_PATHS` key: MKL's fp32 GEMM instead of oneDNN's)."""
     import subprocess
     import sys
     if not cex_kernels.backends()["cpu"]:
         pytest.skip("compiled extension not built")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **CPU_PATHS[path])
+    env = dict(os.environ, **{**CPU_PATHS, **GEMM_PATHS}[path])
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                            os.path.abspath(test_file), "-k",
-                           f"({select}) and not other_cpu_path and not portable_path"],
+                           f"({select}) and not other_cpu_path and not portable_path and not other_gemm"],
                           cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and " passed" in proc.stdout, \
         proc.stdout[-3000:] + proc.stderr[-3000:]

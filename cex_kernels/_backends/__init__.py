@@ -360,3 +360,24 @@ def empty_for_writing(shape, like: torch.Tensor, dtype: Optional[torch.dtype] = 
     if out.device.type == "cpu" and _C is not None:
         _C.advise_huge_pages(out)
     return out
+
+
+def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                accumulate: bool = False) -> torch.Tensor:
+    """``out = a @ b`` (``out += a @ b`` when ``accumulate``), returning ``out``. On the CPU
+    with the compiled extension, fp32 products whose operands oneDNN reads in place (``out``
+    contiguous; ``a``, ``b`` contiguous or transposed) run through oneDNN's matmul, faster
+    than ``torch.mm``'s MKL sgemm here (``csrc/cpu/matmul.cpp``); otherwise ``torch.mm`` /
+    ``addmm_``. Both are IEEE fp32 products. No autograd: for use inside the ops."""
+    if out.device.type == "cpu" and _C is not None:
+        _C.matmul_into_cpu(out, a, b, accumulate)
+        return out
+    if accumulate:
+        return out.addmm_(a, b)
+    return torch.mm(a, b, out=out)
+
+
+def onednn_fp32_matmul() -> bool:
+    """Whether :func:`matmul_into` sends fp32 CPU products to oneDNN now (the extension is
+    here, PyTorch has oneDNN and it is enabled, ``CEX_DISABLE_ONEDNN`` is not set)."""
+    return _C is not None and bool(_C.onednn_matmul_enabled())

@@ -114,7 +114,7 @@ def check_options(op: str, *, temperature, direction, beta, reduction, ignore_in
     hard = _checks.check_real(op, "hard_label_weight", hard_label_weight, low=0.0)
     soft = _checks.check_real(op, "soft_label_weight", soft_label_weight, low=0.0)
     _checks.check_choice(op, "algorithm", algorithm, ALGORITHMS)
-    chunk_bytes = _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1)
+    chunk_bytes = (None if chunk_bytes is None else _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1))
     return dict(temperature=temperature, beta=beta, symmetric=symmetric, reduction=reduction,
                 ignore_index=ignore_index, hard_label_weight=hard, soft_label_weight=soft,
                 scale_by_t2=scale_by_t2, chunk_bytes=chunk_bytes, algorithm=algorithm,
@@ -129,7 +129,7 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
               beta: Optional[float] = None, reduction: str = "batchmean", mask: Optional[Tensor] = None,
               labels: Optional[Tensor] = None, ignore_index: int = -100,
               hard_label_weight: float = 0.0, soft_label_weight: float = 1.0,
-              scale_by_t2: bool = True, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+              scale_by_t2: bool = True, chunk_bytes: Optional[int] = None,
               algorithm: str = "auto", backend: str = "auto", return_parts: bool = False):
     """Distillation loss of ``student_hidden @ student_weight.T + student_bias`` against a
     teacher, without materializing the student's (N, V) logits.
@@ -157,8 +157,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
     ``student_weight``, ``student_bias``.
 
     ``algorithm``: ``"chunked"`` processes rows in chunks of about ``chunk_bytes`` of
-    temporaries (default 256 MiB) with the backend's softmax-KL kernel between two BLAS
-    GEMMs; ``"tiled"`` (Triton backend; teacher given as dense logits, not top-k;
+    temporaries (``None``, the default: 64 MiB for fp32/float64 CPU inputs, 256 MiB
+    otherwise) with the backend's softmax-KL kernel between two BLAS GEMMs; ``"tiled"`` (Triton backend; teacher given as dense logits, not top-k;
     forward, reverse or symmetric KL, not the JSD) keeps only per-row statistics and recomputes logit tiles, so its extra memory is O(N)
     at the cost of one more ``2 N V H`` GEMM's worth of FLOPs; ``"auto"`` is ``"chunked"``.
 

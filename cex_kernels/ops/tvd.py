@@ -40,7 +40,7 @@ from cex_kernels import _backends, _checks, reference
 from cex_kernels.ops import _divergence, _fused_linear
 from cex_kernels.ops._autograd import (as_constant, create_graph_requested, eager_gradients,
                                        save_tensors, saved_tensors)
-from cex_kernels.ops._fused_linear import DEFAULT_CHUNK_BYTES, Prepared
+from cex_kernels.ops._fused_linear import Prepared
 
 # |dL/dz| <= 1 per logit at T = 1 (sizes fp16's storage scale; 2 leaves a factor of room).
 _GRAD_BOUND = 2.0
@@ -164,7 +164,7 @@ def check_linear_options(op: str, *, temperature, reduction, ignore_index, hard_
                                                      hard_label_weight, low=0.0),
                 soft_label_weight=_checks.check_real(op, "soft_label_weight",
                                                      soft_label_weight, low=0.0),
-                chunk_bytes=_checks.check_int(op, "chunk_bytes", chunk_bytes, low=1),
+                chunk_bytes=(None if chunk_bytes is None else _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1)),
                 backend=backend)
 
 
@@ -175,7 +175,7 @@ def linear_tvd(student_hidden: Tensor, student_weight: Tensor,
                temperature: float = 1.0, reduction: str = "batchmean",
                mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                ignore_index: int = -100, hard_label_weight: float = 0.0,
-               soft_label_weight: float = 1.0, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+               soft_label_weight: float = 1.0, chunk_bytes: Optional[int] = None,
                backend: str = "auto", return_parts: bool = False):
     """:func:`tvd` of ``student_hidden @ student_weight.T + student_bias`` against a teacher,
     without materializing the student's (N, V) logits: the chunked fused-linear driver of

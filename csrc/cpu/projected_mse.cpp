@@ -5,18 +5,22 @@
 // FLOPs: 2 * N * d_t * d_s (the product) + 4 * N * d_s (epilogue).
 // Minimal bytes: read S, T, P once; write grad (N * d_s) and row_sq_err (4 * N).
 //
-// Strategy (bf16 with a gradient: projected_mse_into_grad below, one GEMM into the
-// gradient's memory). Otherwise rows are processed in blocks of `rows_per_block`, sized so that the
-// product tile (rows_per_block x d_s) plus its teacher rows stay in L2. Each block's
-// tile is produced by the BLAS GEMM (at::mm_out into a per-thread scratch buffer, the
-// fastest GEMM PyTorch has on this CPU), then consumed while hot by a fused epilogue
-// that subtracts, squares, reduces and writes the scaled gradient in one sweep.
-// Blocks run in parallel with at::parallel_for (OpenMP); each thread's GEMM runs
-// single-threaded inside the parallel region. Extra memory: one tile per thread.
-// Tuned for N=8192, d_t=1024, d_s=256 fp32 (a 2-core x86 machine).
+// Strategy. With a gradient (fp32, fp64, bf16: projected_mse_into_grad below) the product
+// is formed in the gradient's own memory by one GEMM over all rows, then each row's
+// epilogue turns it into the gradient in place: no memory beyond the gradient, and one
+// GEMM threaded by the library beats per-thread tiles (fp32 fwd+bwd at N=8192 d_t=1024
+// d_s=256: 24.1 vs 24.5 ms; N=2048 d_t=512 d_s=128: 2.33 vs 2.67 ms; bf16 12.6 vs 13.3 ms;
+// 2-core EPYC, 2026-12-02). Without a gradient (or for fp16, whose product is formed in
+// fp32) rows are processed in blocks of `rows_per_block`, sized so that the product tile
+// (rows_per_block x d_s) plus its teacher rows stay in L2: each block's tile comes from a
+// single-threaded GEMM into a per-thread scratch buffer and is consumed while hot by a
+// fused epilogue that subtracts, squares and reduces in one sweep. Blocks run in
+// parallel with at::parallel_for (OpenMP). Extra memory: one tile per thread.
+// GEMMs go through matmul_into (matmul.h): oneDNN for fp32, at::mm_out otherwise.
 #include "projected_mse.h"
 
 #include "huge_pages.h"
+#include "matmul.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
@@ -125,7 +129,7 @@ void projected_mse_blocks(const at::Tensor& student, const at::Tensor& teacher,
         t_rows = teacher_wide.narrow(0, 0, rows).copy_(t_rows);
       }
       at::Tensor y = tile.narrow(0, 0, rows);
-      at::mm_out(y, t_rows, projection_tile);
+      matmul_into(y, t_rows, projection_tile, /*accumulate=*/false);
       const tile_t* y_base = y.data_ptr<tile_t>();
       for (int64_t r = 0; r < rows; ++r) {
         loss[r0 + r] = epilogue_row<scalar_t, tile_t, acc_t>(
@@ -136,16 +140,13 @@ void projected_mse_blocks(const at::Tensor& student, const at::Tensor& teacher,
   });
 }
 
-// bf16 with a gradient: the product is formed in the gradient's own memory by one GEMM
-// over all rows (oneDNN's bf16 GEMM threads itself; the per-block single-threaded calls
-// made fwd+bwd 4-8% slower: 13.3 vs 12.6 ms at N=8192 d_t=1024 d_s=256, 2026-12-02), then
-// each row's epilogue turns it into the gradient in place. Same roundings as the blocked
-// path (the product rounded to bf16, as eager); no memory beyond the gradient.
+// With a gradient (the strategy above): one GEMM into the gradient's memory, then the
+// epilogue in place. The product is rounded to the input dtype first (bf16: as eager).
 template <typename scalar_t, typename acc_t>
 void projected_mse_into_grad(const at::Tensor& student, const at::Tensor& teacher,
                              const at::Tensor& projection_tile, at::Tensor& row_sq_err,
                              at::Tensor& grad, acc_t grad_scale) {
-  at::mm_out(grad, teacher, projection_tile);
+  matmul_into(grad, teacher, projection_tile, /*accumulate=*/false);
   const int64_t n_rows = student.size(0), d_s = student.size(1);
   const scalar_t* s_base = student.data_ptr<scalar_t>();
   const int64_t s_stride = student.stride(0);
@@ -202,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> projected_mse_fwd(const at::Tensor& student,
     using tile_t = std::conditional_t<std::is_same<scalar_t, at::Half>::value, float, scalar_t>;
     const at::Tensor projection_tile =
         projection.to(c10::CppTypeToScalarType<tile_t>::value).contiguous();
-    if constexpr (std::is_same<scalar_t, at::BFloat16>::value) {
+    if constexpr (std::is_same<scalar_t, tile_t>::value) {
       if (compute_grad) {
         projected_mse_into_grad<scalar_t, acc_t>(student, teacher, projection_tile, row_sq_err,
                                                  grad, static_cast<acc_t>(grad_scale));

@@ -139,7 +139,8 @@ LINEAR_KL = OpSpec(
     metrics=("peak_memory", "memory_vs_eager", "flops", "gemm_fraction", "speedup",
              "vs_compile"),
     notes=f"Temperature {TEMPERATURE}, forward KL, batchmean; ours with the default chunk "
-          "budget (256 MiB) and with `chunk_bytes=64 MiB` (`<backend>/64MiB`). FLOPs: 2 N H V "
+          "budget (64 MiB for fp32 on the CPU, 256 MiB otherwise) and with "
+          "`chunk_bytes=64 MiB` (`<backend>/64MiB`). FLOPs: 2 N H V "
           "per output-layer product, fwd 1 product, fwd+bwd 3 (forward, d hidden, d weight), "
           "+1 for the teacher's head when the teacher is given as hidden states "
           "(`teacher_hidden`, its H = the student's); elementwise work not counted. "
