@@ -610,3 +610,18 @@ def test_teacher_from_inference_mode(device, backend):
                 (gga,) = torch.autograd.grad((ga ** 2).sum(), a)
                 (ggb,) = torch.autograd.grad((gb ** 2).sum(), b)
                 torch.testing.assert_close(gga, ggb)
+
+
+@pytest.mark.parametrize("shape,target", [
+    ((), (4, 3)), ((1,), (4, 3)), ((3,), (4, 3)), ((4, 1), (4, 3)), ((1, 1), (4, 3)),
+    ((4, 3), (4, 3)), ((2,), (4, 3)), ((4, 2), (4, 3)), ((1, 4, 3), (4, 3)),
+    ((2, 4, 3), (4, 3)), ((5, 1), (4, 3)), ((0,), (4, 0)), ((4, 0), (4, 1))])
+def test_in_place_scaling_broadcast_rule(shape, target):
+    """backward skips an in-place multiplication by exactly 1 only when the factor
+    broadcasts to the gradient's shape: the cheap rule equals torch.broadcast_shapes'."""
+    from cex_kernels.ops._autograd import _broadcasts_to
+    try:
+        want = torch.broadcast_shapes(shape, target) == torch.Size(target)
+    except RuntimeError:
+        want = False
+    assert _broadcasts_to(shape, target) == want

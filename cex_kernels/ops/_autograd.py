@@ -58,6 +58,13 @@ def is_exactly_one(factor: Tensor) -> bool:
     return bool((factor == 1).all())
 
 
+def _broadcasts_to(shape, target) -> bool:
+    """``torch.broadcast_shapes(shape, target) == target``, without its ~40 us per call."""
+    if len(shape) > len(target):
+        return False
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
+
+
 def scale_saved(grad: Tensor, factor: Tensor) -> Tensor:
     """``grad * factor`` in ``grad``'s dtype, computed in fp32 and rounded once (in place
     when allowed). ``factor`` may be fp32 and broadcast (per-row upstream gradients).
@@ -69,8 +76,8 @@ def scale_saved(grad: Tensor, factor: Tensor) -> Tensor:
     if factor.dtype != grad.dtype and grad.dtype in (torch.float32, torch.float64):
         factor = factor.to(grad.dtype)
     if may_scale_in_place(grad):
-        if (grad.device == factor.device and is_exactly_one(factor)
-                and torch.broadcast_shapes(factor.shape, grad.shape) == grad.shape):
+        if (grad.device == factor.device and _broadcasts_to(factor.shape, grad.shape)
+                and is_exactly_one(factor)):
             return grad
         return grad.mul_(factor)
     return (grad * factor).to(grad.dtype)
