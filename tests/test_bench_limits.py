@@ -152,12 +152,20 @@ def test_quick_script_end_to_end(tmp_path):
     assert len(data["cells"]) == len(script.cells(quick=True))
     assert sum(c["issue_18"] for c in data["cells"]) == 3  # (their grid twins are dropped)
     md = md_path.read_text()
-    assert "| torch.compile / ours | ours % copy BW | ours % exp limit | ours % peak GEMM |" in md
+    assert ("| torch.compile / ours | ceiling: torch.compile / GEMMs alone | ours % copy BW "
+            "| ours % exp limit | ours % peak GEMM |") in md
     for cell in data["cells"]:
         assert len(cell["load_1min"]) == 2
         rows = {r["impl"]: r for r in cell["rows"]}
-        assert set(rows) == {"cpu", "torch.compile", "eager"}, cell["skipped"]
+        gemm_bound = cell["op"] in script.GEMM_BOUND
+        assert set(rows) == {"cpu", "torch.compile", "eager"} | (
+            {script.GEMMS_ALONE} if gemm_bound else set()), (cell["skipped"], rows)
         ours, compiled = rows["cpu"], rows["torch.compile"]
+        if gemm_bound:  # the ceiling: torch.compile over the op's products alone
+            alone = rows[script.GEMMS_ALONE]
+            assert alone["ceiling_vs_compile"] == pytest.approx(
+                measure.paired_ratio(compiled["time_s"], alone["time_s"]))
+            assert report.paired_text(alone["ceiling_vs_compile"]) in md
         paired = measure.paired_ratio(compiled["time_s"], ours["time_s"])
         assert ours["vs_compile"] == pytest.approx(paired)
         assert ours["bandwidth_fraction"] == pytest.approx(
