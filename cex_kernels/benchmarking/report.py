@@ -13,7 +13,7 @@ from cex_kernels.benchmarking.grids import OPS
 from cex_kernels.benchmarking.measure import (NOISY_SPREAD, MiB, device_name, environment,
                                               measure_peak_copy_bandwidth,
                                               measure_peak_exp_rate, measure_peak_gemm_flops,
-                                              paired_ratio, peak_extra_memory, time_fn,
+                                              paired_ratio, peak_extra_memory,
                                               time_interleaved)
 from cex_kernels.benchmarking.spec import (OPTIONAL_METRICS, Case, OpSpec, clear_grads,
                                            default_repeats, impl_label, rates)
@@ -23,16 +23,6 @@ DEFAULT_BUDGET_S = {"quick": 0.5, "full": 2.0}
 
 
 # --------------------------------------------------------------------------- report
-
-def measure_case(spec: OpSpec, impl: str, case: Case, device, *, warmup: int, repeats: int,
-                 peaks: Optional[dict] = None) -> dict:
-    """Time one (impl, case) cell and measure its peak extra memory; one report row."""
-    device = torch.device(device)
-    inputs = spec.make_inputs(case, device)
-    step = spec.make_step(impl, case, inputs)
-    t = time_fn(step, warmup=warmup, repeats=repeats, device=device)
-    return _timed_row(spec, impl, case, device, t, step, inputs, peaks)
-
 
 def _timed_row(spec: OpSpec, impl: str, case: Case, device, t: dict, step, inputs: dict,
                peaks: Optional[dict]) -> dict:
