@@ -120,3 +120,14 @@ def test_environment_variable_turns_onednn_off():
 def test_other_gemm_ops_on_mkl(test_file, select):
     """The linear_kl and projected_mse cpu cases, with fp32 products through torch.mm."""
     rerun_cpu_cases_on_path(os.path.join(HERE, test_file), "mkl_gemm", select=select)
+
+
+def test_without_the_route_products_fall_back_to_torch(monkeypatch):
+    """An extension built before the route existed (or none): torch.mm, same values."""
+    monkeypatch.setattr(_backends, "_C", None)
+    a, b = torch.randn(5, 7), torch.randn(7, 3)
+    out = torch.zeros(5, 3)
+    _backends.matmul_into(out, a, b)
+    _backends.matmul_into(out, a, b, accumulate=True)
+    torch.testing.assert_close(out, 2 * (a @ b))
+    assert not _backends.onednn_fp32_matmul()

@@ -369,8 +369,9 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     contiguous; ``a``, ``b`` contiguous or transposed) run through oneDNN's matmul, faster
     than ``torch.mm``'s MKL sgemm here (``csrc/cpu/matmul.cpp``); otherwise ``torch.mm`` /
     ``addmm_``. Both are IEEE fp32 products. No autograd: for use inside the ops."""
-    if out.device.type == "cpu" and _C is not None:
-        _C.matmul_into_cpu(out, a, b, accumulate)
+    route = getattr(_C, "matmul_into_cpu", None)  # None: no extension, or one built before it
+    if out.device.type == "cpu" and route is not None:
+        route(out, a, b, accumulate)
         return out
     if accumulate:
         return out.addmm_(a, b)
@@ -380,4 +381,5 @@ def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
 def onednn_fp32_matmul() -> bool:
     """Whether :func:`matmul_into` sends fp32 CPU products to oneDNN now (the extension is
     here, PyTorch has oneDNN and it is enabled, ``CEX_DISABLE_ONEDNN`` is not set)."""
-    return _C is not None and bool(_C.onednn_matmul_enabled())
+    enabled = getattr(_C, "onednn_matmul_enabled", None)
+    return enabled is not None and bool(enabled())
