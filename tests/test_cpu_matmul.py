@@ -131,3 +131,25 @@ def test_without_the_route_products_fall_back_to_torch(monkeypatch):
     _backends.matmul_into(out, a, b, accumulate=True)
     torch.testing.assert_close(out, 2 * (a @ b))
     assert not _backends.onednn_fp32_matmul()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_nan_and_inf_propagate_as_in_float64(accumulate):
+    """NaN, inf and inf*0 reach exactly the entries they reach in a float64 product (the
+    fp32 route is oneDNN's: a GEMM must not mask or spread them)."""
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(64, 96, generator=gen)
+    b = torch.randn(96, 48, generator=gen)
+    a[3, 5] = float("nan")
+    a[10, 7] = float("inf")
+    b[7, 4] = 0.0  # inf * 0 -> NaN in out[10, 4]
+    b[20, 9] = float("-inf")
+    start = torch.randn(64, 48, generator=gen)
+    out = start.clone()
+    _backends.matmul_into(out, a, b.T.contiguous().T, accumulate=accumulate)
+    want = a.double() @ b.double() + (start.double() if accumulate else 0)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.isinf(), want.isinf())
+    assert torch.equal(out[out.isinf()].sign(), want[want.isinf()].sign().float())
+    finite = want.isfinite()
+    assert (out.double()[finite] - want[finite]).abs().max() < 1e-3

@@ -57,6 +57,12 @@ DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024  # chunk budget on GPUs and for 16-bit C
 CPU_WIDE_CHUNK_BYTES = 64 * 1024 * 1024
 
 
+def check_chunk_bytes(op: str, chunk_bytes) -> Optional[int]:
+    """``chunk_bytes`` checked: None (the default budget) or a positive int."""
+    return None if chunk_bytes is None else _checks.check_int(op, "chunk_bytes", chunk_bytes,
+                                                                low=1)
+
+
 def default_chunk_bytes(hidden: Tensor) -> int:
     """The chunk budget when the caller gives none (``chunk_bytes=None``)."""
     if hidden.device.type == "cpu" and hidden.element_size() >= 4:

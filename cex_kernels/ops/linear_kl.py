@@ -114,7 +114,7 @@ def check_options(op: str, *, temperature, direction, beta, reduction, ignore_in
     hard = _checks.check_real(op, "hard_label_weight", hard_label_weight, low=0.0)
     soft = _checks.check_real(op, "soft_label_weight", soft_label_weight, low=0.0)
     _checks.check_choice(op, "algorithm", algorithm, ALGORITHMS)
-    chunk_bytes = (None if chunk_bytes is None else _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1))
+    chunk_bytes = _fused_linear.check_chunk_bytes(op, chunk_bytes)
     return dict(temperature=temperature, beta=beta, symmetric=symmetric, reduction=reduction,
                 ignore_index=ignore_index, hard_label_weight=hard, soft_label_weight=soft,
                 scale_by_t2=scale_by_t2, chunk_bytes=chunk_bytes, algorithm=algorithm,
@@ -158,7 +158,8 @@ def linear_kl(student_hidden: Tensor, student_weight: Tensor,
 
     ``algorithm``: ``"chunked"`` processes rows in chunks of about ``chunk_bytes`` of
     temporaries (``None``, the default: 64 MiB for fp32/float64 CPU inputs, 256 MiB
-    otherwise) with the backend's softmax-KL kernel between two BLAS GEMMs; ``"tiled"`` (Triton backend; teacher given as dense logits, not top-k;
+    otherwise) with the backend's softmax-KL kernel between two BLAS GEMMs; ``"tiled"``
+    (Triton backend; teacher given as dense logits, not top-k;
     forward, reverse or symmetric KL, not the JSD) keeps only per-row statistics and recomputes logit tiles, so its extra memory is O(N)
     at the cost of one more ``2 N V H`` GEMM's worth of FLOPs; ``"auto"`` is ``"chunked"``.
 

@@ -164,7 +164,7 @@ def check_linear_options(op: str, *, temperature, reduction, ignore_index, hard_
                                                      hard_label_weight, low=0.0),
                 soft_label_weight=_checks.check_real(op, "soft_label_weight",
                                                      soft_label_weight, low=0.0),
-                chunk_bytes=(None if chunk_bytes is None else _checks.check_int(op, "chunk_bytes", chunk_bytes, low=1)),
+                chunk_bytes=_fused_linear.check_chunk_bytes(op, chunk_bytes),
                 backend=backend)
 
 

@@ -2,8 +2,9 @@
 // (also inside every PyTorch with MKLDNN) ran the products of these kernels 1.04-1.5x faster
 // on the 2-core AMD EPYC (Zen 4) this project is tuned on: logits h @ W^T with
 // N=1024 H=256 V=32000 92 ms vs 139 ms, square 2048^3 at ~210 vs ~155 GFLOP/s, teacher
-// @ projection at N=8192 d_t=1024 d_s=256 20 vs 25 ms (2026-12-02). bf16/fp16 products
-// already go to oneDNN inside at::mm_out, so only fp32 is rerouted.
+// @ projection at N=8192 d_t=1024 d_s=256 20 vs 25 ms (2026-12-02). bf16 products already
+// go to oneDNN inside at::mm_out (fp16 ones where the CPU computes fp16), so only fp32 is
+// rerouted.
 //
 // PyTorch does not ship the header of at::native::mkldnn_matmul, and builds without
 // MKLDNN (some macOS/ARM wheels) lack the symbol, so it is declared here as a weak
