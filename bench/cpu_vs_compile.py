@@ -60,7 +60,7 @@ GEMMS_ALONE = "GEMMs alone"
 
 def gemms_alone_step(case: Case, inputs: dict) -> Callable[[], object]:
     """The products of one fwd+bwd call of ours in ``case``, nothing else."""
-    from cex_kernels import _backends
+    from cex_kernels import _backends, _checks
     from cex_kernels.ops import _fused_linear
     if case.op == "projected_mse":
         s, t, p = inputs["student"], inputs["teacher"], inputs["projection"]
@@ -71,13 +71,12 @@ def gemms_alone_step(case: Case, inputs: dict) -> Callable[[], object]:
         return product
     h, w = inputs["hidden"], inputs["weight"]
     n, v = h.shape[0], w.shape[0]
-    # ours: chunks of the default budget, one reused (rows, V) buffer, d hidden and d weight
-    # (fp32: accumulated by the GEMM; bf16: each chunk's product summed in fp32)
-    # the driver's own chunking, for this cell's call (cpu backend, teacher logits, no labels)
+    acc = _checks.accumulation_dtype(h.dtype)
+    # the driver's own chunking, buffer and products, for this cell's call (cpu backend,
+    # teacher logits, no labels); the logits stand in for their gradient
     call = types.SimpleNamespace(hidden=h, weight=w, backend="cpu", ce_weight=None,
                                  teacher_kind="logits")
     rows = _fused_linear.chunk_rows(call, None)
-    n_chunks = -(-n // rows)
 
     @torch.no_grad()
     def step():
@@ -86,16 +85,10 @@ def gemms_alone_step(case: Case, inputs: dict) -> Callable[[], object]:
         grad_weight = None
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
-            logits = _backends.matmul_into(buffer[:r1 - r0], h[r0:r1], w.T)
+            logits = _fused_linear.linear_into(buffer[:r1 - r0], h[r0:r1], w)
             _backends.matmul_into(grad_hidden[r0:r1], logits, w)
-            if h.dtype == torch.bfloat16:
-                product = logits.T @ h[r0:r1]
-                grad_weight = (product if n_chunks == 1 else product.float()
-                               if grad_weight is None else grad_weight.add_(product))
-            elif grad_weight is None:
-                grad_weight = _backends.matmul_into(torch.empty_like(w), logits.T, h[r0:r1])
-            else:
-                _backends.matmul_into(grad_weight, logits.T, h[r0:r1], accumulate=True)
+            grad_weight = _fused_linear._accumulate_weight_grad(
+                grad_weight, logits, h[r0:r1], w, acc, only_chunk=rows >= n)
     return step
 
 
